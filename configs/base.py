@@ -1,0 +1,41 @@
+"""The seed notebook's first run: 3x3 kernels, both dropouts, Adam, batch 500, 20 epochs."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base configuration (every field the package reads lives here)."""
+  config = ml_collections.ConfigDict()
+
+  # Data. `dataset` is any tfds dataset of 28x28x1 images with 10 classes.
+  config.dataset = 'mnist'
+  config.data_dir = ''  # tfds data dir; '' means tfds' default (~/tensorflow_datasets).
+  config.idx_dir = ''  # Folder with the four IDX files: prepares the tfds dataset offline.
+  config.train_split = 'train[:55000]'  # The seed trains on 55,000 images.
+  config.eval_split = 'test'  # Validated on all 10,000 test images after every epoch.
+
+  # Model (the seed's Keras Sequential, layer for layer).
+  config.kernel_size = 3
+  config.conv1_features = 32
+  config.conv2_features = 64
+  config.dense_features = 128
+  config.conv_dropout = 0.25
+  config.dense_dropout = 0.5
+  config.num_classes = 10
+  # How convolutions are computed: 'im2col' (shifted slices + one matmul, fastest on
+  # CPU) or 'xla' (lax.conv_general_dilated, best on GPU/TPU). 'auto' picks per backend.
+  config.conv_impl = 'auto'
+
+  # Optimiser: Keras' Adam defaults.
+  config.learning_rate = 1e-3
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-7
+
+  # Training.
+  config.batch_size = 500
+  config.eval_batch_size = 1000
+  config.num_epochs = 20
+  config.seed = 42
+  config.progress_bar = True  # Only drawn when stdout is a terminal.
+  return config

@@ -1,0 +1,74 @@
+"""Command line: python -m flax_mnist.main --config configs/base.py [--workdir DIR]."""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flax_mnist import configuration
+from flax_mnist.errors import FlaxMnistError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file (configs/base.py); override fields with '
+    '--config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Where metrics.jsonl and checkpoints go. Default: workdir/<config name>.')
+flags.mark_flags_as_required(['config'])
+
+
+def default_workdir() -> str:
+  """workdir/<config file stem>, so runs of different configs never share a folder."""
+  stem = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
+  return str(pathlib.Path('workdir') / stem)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every config-loading problem turned into a one-line error."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # ml_collections reports a missing config file only on first use.
+    return remaining
+  except flags.Error as e:
+    _fail(f'{str(e).rstrip(".")}. Pass --helpfull to see the flags.')
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
+    hint = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    _fail(f'unknown config field in the overrides: {hint}')
+  except Exception as e:  # A missing config file, or one that fails to import.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f'cannot load config file {_config_argument(argv)!r} '
+          f'({type(e).__name__}: {lines[-1] if lines else ""}); pass e.g. '
+          '--config configs/base.py.')
+
+
+def _config_argument(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return '?'
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # tfds logs every file it opens at INFO.
+  config = _CONFIG.value
+  import jax  # After flag parsing, so --help is instant.
+  try:
+    configuration.validate(config, jax.device_count())
+    from flax_mnist import train
+    train.train_and_evaluate(config, _WORKDIR.value or default_workdir())
+  except FlaxMnistError as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

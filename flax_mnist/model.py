@@ -1,0 +1,90 @@
+"""The seed notebook's Keras CNN as a Flax NNX module, layer for layer.
+
+Keras: Reshape(28,28,1) -> Conv2D(32,k,relu) -> Conv2D(64,k,relu) -> MaxPool2D(2)
+-> Dropout(.25) -> Flatten -> Dense(128,relu) -> Dropout(.5) -> Dense(10, softmax).
+Here the last layer returns logits; the loss applies the softmax (numerically stable).
+"""
+
+import jax
+from flax import nnx
+
+from flax_mnist import conv
+
+IMAGE_SHAPE = (28, 28, 1)
+_KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras' default for Conv2D and Dense.
+_BIAS_INIT = nnx.initializers.zeros_init()
+
+
+class CNN(nnx.Module):
+  """The seed CNN; sizes, dropout rates and conv implementation come from the config."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    k = (config.kernel_size, config.kernel_size)
+    conv_fn = conv.conv_function(config.conv_impl)
+    common = dict(kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, rngs=rngs)
+    self.conv1 = nnx.Conv(1, config.conv1_features, k, padding='VALID',
+                          conv_general_dilated=conv_fn, **common)
+    self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, k, padding='VALID',
+                          conv_general_dilated=conv_fn, **common)
+    self.conv_dropout = nnx.Dropout(config.conv_dropout)
+    pooled = (IMAGE_SHAPE[0] - 2 * (config.kernel_size - 1)) // 2
+    self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,
+                             **common)
+    self.dense_dropout = nnx.Dropout(config.dense_dropout)
+    self.dense2 = nnx.Linear(config.dense_features, config.num_classes, **common)
+
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+    """Maps images in [0, 1], (N, 784) or (N, 28, 28, 1), to logits (N, num_classes).
+
+    Dropout is applied only when `train` is True, drawing from `dropout_key`.
+    """
+    rngs = nnx.Rngs(dropout=dropout_key) if train else None
+    x = x.reshape((x.shape[0], *IMAGE_SHAPE))
+    x = nnx.relu(self.conv1(x))
+    x = nnx.relu(self.conv2(x))
+    x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = self.conv_dropout(x, deterministic=not train, rngs=rngs)
+    x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.
+    x = nnx.relu(self.dense1(x))
+    x = self.dense_dropout(x, deterministic=not train, rngs=rngs)
+    return self.dense2(x)
+
+
+def layer_table(config) -> list[tuple[str, str, tuple, int]]:
+  """(name, Keras layer type, output shape, params) per layer, as Keras' summary lists them."""
+  k, c1, c2 = config.kernel_size, config.conv1_features, config.conv2_features
+  side1 = IMAGE_SHAPE[0] - k + 1
+  side2 = side1 - k + 1
+  pooled = side2 // 2
+  flat = pooled * pooled * c2
+  d, n = config.dense_features, config.num_classes
+  return [
+      ('reshape', 'Reshape', (28, 28, 1), 0),
+      ('conv2d', 'Conv2D', (side1, side1, c1), k * k * 1 * c1 + c1),
+      ('conv2d_1', 'Conv2D', (side2, side2, c2), k * k * c1 * c2 + c2),
+      ('max_pooling2d', 'MaxPooling2D', (pooled, pooled, c2), 0),
+      ('dropout', 'Dropout', (pooled, pooled, c2), 0),
+      ('flatten', 'Flatten', (flat,), 0),
+      ('dense', 'Dense', (d,), flat * d + d),
+      ('dropout_1', 'Dropout', (d,), 0),
+      ('dense_1', 'Dense', (n,), d * n + n),
+  ]
+
+
+def count_params(model: CNN) -> int:
+  """Total number of trainable parameters in `model`."""
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def summary(config, model: CNN) -> str:
+  """A Keras-like summary table; its total is counted from the model's real parameters."""
+  rows = layer_table(config)
+  total = count_params(model)
+  lines = ['Model: "flax_mnist_cnn"', '_' * 65,
+           f'{"Layer (type)":<29}{"Output Shape":<26}{"Param #":>10}', '=' * 65]
+  for name, kind, shape, params in rows:
+    lines.append(f'{f"{name} ({kind})":<29}{str((None, *shape)):<26}{params:>10,}')
+  lines += ['=' * 65, f'Total params: {total:,}', f'Trainable params: {total:,}',
+            'Non-trainable params: 0', '_' * 65]
+  return '\n'.join(lines)

@@ -1,0 +1,91 @@
+"""The Flax CNN: Keras' parameter counts, shapes, dropout behaviour, conv implementations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from conftest import base_config
+from flax_mnist import conv, model as model_lib
+
+
+def _model(**overrides):
+  config = base_config(**overrides)
+  return config, model_lib.CNN(config, rngs=nnx.Rngs(params=0))
+
+
+@pytest.mark.parametrize('kernel_size, keras_params', [(3, 1_199_882), (5, 872_714)])
+def test_parameter_counts_equal_keras(kernel_size, keras_params):
+  config, model = _model(kernel_size=kernel_size)
+  assert model_lib.count_params(model) == keras_params
+  assert sum(row[3] for row in model_lib.layer_table(config)) == keras_params
+  assert f'Total params: {keras_params:,}' in model_lib.summary(config, model)
+
+
+@pytest.mark.parametrize('shape', [(7, 784), (7, 28, 28, 1)])
+def test_logits_shape(shape):
+  _, model = _model()
+  assert model(jnp.zeros(shape)).shape == (7, 10)
+
+
+def test_keras_initializers():
+  _, model = _model()
+  assert not np.any(model.conv2.bias[...]) and not np.any(model.dense1.bias[...])
+  limit = np.sqrt(6 / (3 * 3 * 32 + 3 * 3 * 64))  # glorot_uniform for a 3x3x32->64 kernel.
+  kernel = np.asarray(model.conv2.kernel[...])
+  assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+
+
+def test_dropout_only_in_training():
+  _, model = _model()
+  x = jax.random.uniform(jax.random.key(1), (4, 784))
+  np.testing.assert_array_equal(model(x), model(x))
+  key_a, key_b = jax.random.key(2), jax.random.key(3)
+  train_a = model(x, train=True, dropout_key=key_a)
+  np.testing.assert_array_equal(train_a, model(x, train=True, dropout_key=key_a))
+  assert not np.allclose(train_a, model(x, train=True, dropout_key=key_b))
+  assert not np.allclose(train_a, model(x))
+
+
+def test_no_dropout_config_is_deterministic_in_training():
+  _, model = _model(conv_dropout=0.0, dense_dropout=0.0)
+  x = jax.random.uniform(jax.random.key(1), (4, 784))
+  np.testing.assert_allclose(model(x, train=True, dropout_key=jax.random.key(5)), model(x),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('k, cin, cout', [(3, 1, 32), (3, 32, 64), (5, 32, 64)])
+def test_im2col_equals_lax_conv(k, cin, cout):
+  x = jax.random.normal(jax.random.key(0), (6, 28 - (cin > 1) * (k - 1), 28, cin))
+  w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.1
+  args = ((1, 1), 'VALID')
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  reference = lax.conv_general_dilated(x, w, *args, dimension_numbers=dims)
+  np.testing.assert_allclose(conv.im2col_conv(x, w, *args), reference, atol=1e-5, rtol=1e-5)
+
+  def loss(fn, x, w):
+    return jnp.sum(jnp.sin(fn(x, w, *args, dimension_numbers=dims)))
+  grads = jax.grad(lambda x, w: loss(conv.im2col_conv, x, w), argnums=(0, 1))(x, w)
+  expected = jax.grad(lambda x, w: loss(lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+  for got, want in zip(grads, expected):  # Sums of thousands of terms: compare to their scale.
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_conv_impls_give_the_same_model():
+  x = jax.random.uniform(jax.random.key(1), (3, 784))
+  _, im2col = _model(conv_impl='im2col')
+  _, xla = _model(conv_impl='xla')
+  np.testing.assert_allclose(im2col(x), xla(x), atol=1e-5)
+
+
+def test_auto_resolves_per_backend():
+  assert conv.resolve('auto', 'cpu') == 'im2col'
+  assert conv.resolve('auto', 'gpu') == 'xla' and conv.resolve('auto', 'tpu') == 'xla'
+  assert conv.resolve('xla', 'cpu') == 'xla'
+
+
+def test_im2col_rejects_what_it_cannot_do():
+  with pytest.raises(NotImplementedError, match='conv_impl="xla"'):
+    conv.im2col_conv(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 2)), (2, 2), 'VALID')
