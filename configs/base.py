@@ -38,4 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 20
   config.seed = 42
   config.progress_bar = True  # Only drawn when stdout is a terminal.
+
+  # Checkpoints (WORKDIR/checkpoints, saved after every epoch) and starting weights.
+  config.keep_checkpoints = 3  # The newest N are kept, plus the best by val_accuracy.
+  config.init_from = ''  # A Keras .h5 of the same architecture to start from (weights only).
   return config

@@ -1,7 +1,10 @@
 """Command line: python -m flax_mnist.main --config configs/base.py [--workdir DIR]."""
 
+import os
 import pathlib
 import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before anything imports TensorFlow.
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,6 +17,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     '--config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where metrics.jsonl and checkpoints go. Default: workdir/<config name>.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'],
+                          'train (resumes from the newest checkpoint), eval, export or predict.')
+_STEP = flags.DEFINE_string('step', 'latest',
+                            'Checkpoint for eval/export/predict: latest, best or a step number.')
+_OUTPUT = flags.DEFINE_string('output', '', 'export: .h5 path (default WORKDIR/keras_cnn.h5).')
+_IMAGES = flags.DEFINE_string('images', '', 'predict: image files, PATH[,PATH...] or a GLOB.')
+_INVERT = flags.DEFINE_bool('invert', False, 'predict: images are dark digits on light paper.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -55,6 +65,21 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def run_mode(config, workdir: str) -> int:
+  """Runs --mode; returns the process exit code."""
+  from flax_mnist import modes, train
+  if _MODE.value == 'train':
+    train.train_and_evaluate(config, workdir)
+  elif _MODE.value == 'eval':
+    modes.run_eval(config, workdir, _STEP.value)
+  elif _MODE.value == 'export':
+    modes.run_export(config, workdir, _STEP.value, _OUTPUT.value)
+  else:
+    return 1 if modes.run_predict(config, workdir, _STEP.value, _IMAGES.value,
+                                  _INVERT.value) else 0
+  return 0
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -64,8 +89,7 @@ def main(argv) -> None:
   import jax  # After flag parsing, so --help is instant.
   try:
     configuration.validate(config, jax.device_count())
-    from flax_mnist import train
-    train.train_and_evaluate(config, _WORKDIR.value or default_workdir())
+    sys.exit(run_mode(config, _WORKDIR.value or default_workdir()))
   except FlaxMnistError as e:
     _fail(str(e))
 

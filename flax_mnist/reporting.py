@@ -18,10 +18,15 @@ def epoch_line(row: dict, num_epochs: int, num_samples: int) -> str:
           f"val_accuracy: {row['val_accuracy']:.4f}")
 
 
+def metrics_line(row: dict) -> str:
+  """One epoch's metrics as a JSON line with the documented keys, in order."""
+  return json.dumps({k: row[k] for k in METRIC_KEYS}) + '\n'
+
+
 def append_metrics(path: pathlib.Path, row: dict) -> None:
   """Appends one epoch's metrics as a JSON line (flushed, so a kill loses nothing written)."""
   with open(path, 'a') as f:
-    f.write(json.dumps({k: row[k] for k in METRIC_KEYS}) + '\n')
+    f.write(metrics_line(row))
     f.flush()
 
 

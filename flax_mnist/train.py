@@ -1,19 +1,32 @@
-"""The training loop: config -> data -> state -> steps -> metrics (Keras-style output)."""
+"""The training loop: config -> data -> state -> steps -> metrics and checkpoints.
+
+Every epoch ends with a validation pass, a Keras-style line, a row in metrics.jsonl and an
+orbax checkpoint. Running the same command again resumes from the newest checkpoint, exactly:
+data order depends only on (seed, epoch) and dropout keys only on (seed, step).
+"""
 
 import pathlib
 import time
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from flax_mnist import input_pipeline, model as model_lib, parallel, reporting
+from flax_mnist import checkpointing, input_pipeline, keras_export, model as model_lib
+from flax_mnist import parallel, reporting
 from flax_mnist import train_step as ts
 
+EXPORT_NAME = 'keras_cnn.h5'  # The seed's file name.
 
-def _say(text: str) -> None:
+
+def say(text: str) -> None:
+  """Prints a user-facing line at once (logs go to stderr; this is the run's story)."""
   print(text, flush=True)
+
+
+def nnx_model(graphdef, state) -> model_lib.CNN:
+  """The NNX module holding `state`'s parameters (for summaries, export and prediction)."""
+  return nnx.merge(graphdef, state.params)
 
 
 def _sum_metrics(total, metrics):
@@ -38,8 +51,8 @@ def evaluate(evaluate_step, params, mesh, split, batch_size) -> tuple[float, flo
 def train_epoch(train, state, mesh, split, config, epoch, bar):
   """Runs one epoch of train steps; returns (state, (loss, accuracy)).
 
-  One step stays in flight: after dispatching step i the host waits for step i-1's metrics, so
-  the device never idles and the progress bar shows real progress, with no per-step stall.
+  One step stays in flight: after dispatching step i the host reads step i-1's metrics, so the
+  device never idles and the progress bar shows real progress, with no per-step stall.
   """
   total, previous = None, None
   batches = input_pipeline.train_batches(split, config.batch_size, config.seed, epoch)
@@ -54,40 +67,70 @@ def train_epoch(train, state, mesh, split, config, epoch, bar):
   return state, _as_means(total)
 
 
-def _compile(train, evaluate_step, state, mesh, config):
-  """Compiles both steps ahead of time, so epoch timings exclude compilation."""
+def compile_steps(graphdef, tx, state, mesh, config):
+  """Compiles the train and eval steps ahead of time; returns (train, eval, seconds)."""
   start = time.perf_counter()
-  shape = (config.batch_size, *input_pipeline.IMAGE_SHAPE)
-  images = jax.ShapeDtypeStruct(shape, np.uint8, sharding=parallel.batch_sharded(mesh))
-  labels = jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=parallel.batch_sharded(mesh))
-  train = train.lower(state, images, labels).compile()
-  eval_shape = (config.eval_batch_size, *input_pipeline.IMAGE_SHAPE)
+  train, evaluate_step = ts.jit_steps(graphdef, tx, mesh)
   data = parallel.batch_sharded(mesh)
-  evaluate_step = evaluate_step.lower(
-      state.params, jax.ShapeDtypeStruct(eval_shape, np.uint8, sharding=data),
-      jax.ShapeDtypeStruct(eval_shape[:1], np.int32, sharding=data),
-      jax.ShapeDtypeStruct(eval_shape[:1], np.float32, sharding=data)).compile()
+
+  def batch_specs(size, *dtypes):
+    shapes = [(size, *input_pipeline.IMAGE_SHAPE)] + [(size,)] * (len(dtypes) - 1)
+    return [jax.ShapeDtypeStruct(s, d, sharding=data) for s, d in zip(shapes, dtypes)]
+  train = train.lower(state, *batch_specs(config.batch_size, np.uint8, np.int32)).compile()
+  evaluate_step = evaluate_step.lower(state.params, *batch_specs(
+      config.eval_batch_size, np.uint8, np.int32, np.float32)).compile()
   return train, evaluate_step, time.perf_counter() - start
 
 
+def initial_state(config, mesh, checkpoints):
+  """(graphdef, state, optimizer, epoch, history): from the newest checkpoint when there is one,
+  else fresh (Keras initializers, or config.init_from's weights)."""
+  latest = checkpoints.latest_step()
+  graphdef, state, tx = ts.create(config, keras_weights='' if latest else config.init_from)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  if latest is None:
+    if config.init_from:
+      say(f'Starting from the weights in {config.init_from}')
+    return graphdef, state, tx, 0, []
+  state, meta = checkpoints.restore(latest, state, config.to_dict())
+  say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)} "
+      f'({checkpoints.directory})')
+  return graphdef, state, tx, meta['epoch'], meta['history']
+
+
+def _write_history(path: pathlib.Path, history: list[dict]) -> None:
+  # The checkpoint is the truth: drop rows of epochs that a kill left without a checkpoint.
+  path.write_text(''.join(reporting.metrics_line(row) for row in history))
+
+
 def train_and_evaluate(config, workdir: str) -> list[dict]:
-  """Trains config's model, validating after every epoch; returns the per-epoch metrics."""
+  """Trains (or resumes) config's model, validating after every epoch; returns the metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.make_mesh()
+  with checkpointing.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints:
+    graphdef, state, tx, epoch, history = initial_state(config, mesh, checkpoints)
+    _write_history(workdir / 'metrics.jsonl', history)
+    if epoch >= config.num_epochs:
+      say(f'Already finished: epoch {epoch}/{config.num_epochs} in {workdir}; nothing to do '
+          '(raise --config.num_epochs to train on).')
+      return history
+    history = _train_epochs(config, workdir, mesh, checkpoints, graphdef, state, tx, epoch,
+                            history)
+  return history
+
+
+def _train_epochs(config, workdir, mesh, checkpoints, graphdef, state, tx, epoch, history):
   train_split = input_pipeline.load_split(config, config.train_split)
   eval_split = input_pipeline.load_split(config, config.eval_split)
-  mesh = parallel.make_mesh()
-  graphdef, state, tx = ts.create(config)
-  _say(model_lib.summary(config, nnx_model(graphdef, state)))
-  state = jax.device_put(state, parallel.replicated(mesh))
-  train, evaluate_step = ts.jit_steps(graphdef, tx, mesh)
-  train, evaluate_step, seconds = _compile(train, evaluate_step, state, mesh, config)
+  if not history:
+    say(model_lib.summary(config, nnx_model(graphdef, state)))
+  train, evaluate_step, seconds = compile_steps(graphdef, tx, state, mesh, config)
   steps = input_pipeline.steps_per_epoch(len(train_split), config.batch_size)
   num_samples = steps * config.batch_size
-  _say(f'Compiled in {seconds:.1f}s on {jax.device_count()} {jax.default_backend()} device(s). '
-       f'Train on {num_samples} samples, validate on {len(eval_split)} samples')
-  rows = []
-  for epoch in range(1, config.num_epochs + 1):
+  say(f'Compiled in {seconds:.1f}s on {jax.device_count()} {jax.default_backend()} device(s). '
+      f'Train on {num_samples} samples, validate on {len(eval_split)} samples')
+  for epoch in range(epoch + 1, config.num_epochs + 1):
     start = time.perf_counter()
     bar = reporting.ProgressBar(steps, enabled=config.progress_bar)
     state, (loss, accuracy) = train_epoch(train, state, mesh, train_split, config, epoch, bar)
@@ -97,13 +140,11 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     row = dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
                val_accuracy=val_accuracy, seconds=time.perf_counter() - start,
                samples_per_second=num_samples / train_seconds)
-    _say(reporting.epoch_line(row, config.num_epochs, num_samples))
+    history = history + [row]
+    checkpoints.save(int(state.step), state, dict(epoch=epoch, config=config.to_dict(),
+                                                  history=history), val_accuracy)
+    say(reporting.epoch_line(row, config.num_epochs, num_samples))
     reporting.append_metrics(workdir / 'metrics.jsonl', row)
-    rows.append(row)
-  logging.info('Finished %d epochs in %s', config.num_epochs, workdir)
-  return rows
-
-
-def nnx_model(graphdef, state):
-  """The NNX module holding `state`'s parameters (for summaries, export and prediction)."""
-  return nnx.merge(graphdef, state.params)
+  path = keras_export.export_h5(nnx_model(graphdef, state), config, workdir / EXPORT_NAME)
+  say(f'Saved the Keras model to {path}')
+  return history

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flax_mnist import model as model_lib
+from flax_mnist import keras_import, model as model_lib
 from flax_mnist import parallel
 
 _DROPOUT_STREAM = 1  # Folded into the seed so dropout keys never collide with init keys.
@@ -29,10 +29,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
                     eps=config.adam_eps)
 
 
-def create(config) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-  """Builds the model with Keras' initializers and returns (graphdef, state, optimizer)."""
+def create(config, keras_weights: str = '') -> tuple[nnx.GraphDef, TrainState,
+                                                    optax.GradientTransformation]:
+  """Builds the model and returns (graphdef, state, optimizer).
+
+  Weights are Keras' initializers drawn from config.seed, or read from the Keras .h5 file
+  `keras_weights` when given.
+  """
   seed_key = jax.random.key(config.seed)
   model = model_lib.CNN(config, rngs=nnx.Rngs(params=seed_key))
+  if keras_weights:
+    keras_import.load_weights(model, keras_weights)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config)
   dropout_root = jax.random.fold_in(seed_key, _DROPOUT_STREAM)

@@ -1,0 +1,69 @@
+"""Classifies image files (PNG, JPEG, ... any size or colour mode) with a trained model."""
+
+import glob
+import pathlib
+
+import jax
+import numpy as np
+
+from flax_mnist.errors import FlaxMnistError
+
+
+class ImageError(FlaxMnistError):
+  """A file that cannot be read as an image."""
+
+
+def expand_paths(spec: str) -> list[pathlib.Path]:
+  """PATH[,PATH...] where each part may be a glob; a part matching nothing is kept (to fail)."""
+  paths = []
+  for part in filter(None, (p.strip() for p in spec.split(','))):
+    matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+    paths += [pathlib.Path(m) for m in (matches or [part])]
+  return paths
+
+
+def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
+  """Reads an image as 28x28 float32 grayscale in [0, 1] (white digit on black, as MNIST).
+
+  `invert` is for dark-on-light drawings.
+  """
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as image:
+      image.load()
+      gray = image.convert('L')
+  except FileNotFoundError:
+    raise ImageError(f'{path}: no such file.') from None
+  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageError(f'{path}: not a readable image ({type(e).__name__}); pass PNG or JPEG '
+                     'files.') from None
+  if gray.size != (28, 28):
+    gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+  pixels = np.asarray(gray, np.float32) / 255.0
+  return 1.0 - pixels if invert else pixels
+
+
+def classify(model, images: np.ndarray) -> np.ndarray:
+  """Class probabilities (N, classes) for (N, 28, 28) images in [0, 1]."""
+  return np.asarray(jax.nn.softmax(model(images.reshape(len(images), -1))))
+
+
+def classify_files(model, paths: list[pathlib.Path], invert: bool = False,
+                   report=print) -> int:
+  """Prints 'file: digit (probability)' per file; unreadable files get one error line each.
+
+  Returns the number of files that could not be classified.
+  """
+  images, readable, failures = [], [], 0
+  for path in paths:
+    try:
+      images.append(load_image(path, invert))
+      readable.append(path)
+    except ImageError as e:
+      report(f'error: {e}')
+      failures += 1
+  if images:
+    probabilities = classify(model, np.stack(images))
+    for path, p in zip(readable, probabilities):
+      report(f'{path}: {int(p.argmax())} ({float(p.max()):.4f})')
+  return failures
