@@ -19,7 +19,8 @@ from flax_mnist.errors import FlaxMnistError
 # Fields that may change between a checkpoint and the run that resumes or evaluates it: they do
 # not change the model or what training computes. Every other field must match.
 MAY_DIFFER = frozenset({'num_epochs', 'data_dir', 'idx_dir', 'progress_bar', 'eval_batch_size',
-                        'eval_split', 'conv_impl', 'keep_checkpoints', 'init_from'})
+                        'eval_split', 'conv_impl', 'micro_batch_size', 'keep_checkpoints',
+                        'init_from'})
 
 
 class CheckpointError(FlaxMnistError):

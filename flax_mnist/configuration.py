@@ -24,6 +24,7 @@ _SCHEMA = {
     'num_classes': (int, lambda v: v > 1, 'an integer above 1'),
     'conv_impl': (str, lambda v: v in conv.IMPLEMENTATIONS,
                   f'one of {", ".join(conv.IMPLEMENTATIONS)}'),
+    'micro_batch_size': (int, lambda v: v >= 0, '0 (auto) or a positive integer'),
     'learning_rate': (float, lambda v: v > 0, 'a positive number'),
     'adam_b1': (float, lambda v: 0 <= v < 1, 'in [0, 1)'),
     'adam_b2': (float, lambda v: 0 <= v < 1, 'in [0, 1)'),
@@ -61,7 +62,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     _check_type(name, value, kind)
     if check is not None and not check(value):
       raise ConfigError(f'config.{name}={value!r} is invalid: must be {valid}.')
-  for name in ('batch_size', 'eval_batch_size'):
+  for name in ('batch_size', 'eval_batch_size', 'micro_batch_size'):
     if config[name] % device_count:
       raise ConfigError(f'config.{name}={config[name]} is not divisible by the {device_count} '
                         f'devices; use a multiple of {device_count}.')
+  micro = config.micro_batch_size
+  if micro and (config.batch_size % micro or config.eval_batch_size % micro):
+    raise ConfigError(f'config.micro_batch_size={micro} must divide batch_size='
+                      f'{config.batch_size} and eval_batch_size={config.eval_batch_size}; '
+                      'use a common divisor, or 0 for auto.')

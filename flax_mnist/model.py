@@ -6,6 +6,7 @@ Here the last layer returns logits; the loss applies the softmax (numerically st
 """
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from flax_mnist import conv
@@ -13,6 +14,26 @@ from flax_mnist import conv
 IMAGE_SHAPE = (28, 28, 1)
 _KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras' default for Conv2D and Dense.
 _BIAS_INIT = nnx.initializers.zeros_init()
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """Keras' MaxPool2D(2) on NHWC with even sides, as a reshape and a max.
+
+  Same values as a reduce_window max pool, but its gradient is elementwise (XLA fuses it),
+  where reduce_window's gradient is a select-and-scatter that costs a third of a CPU step.
+  """
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def dropout(x: jax.Array, rate: float, keys: jax.Array, layer: int) -> jax.Array:
+  """Inverted dropout (as Keras) with one key per example, so each example's mask is the same
+  however the batch is split into micro-batches or over devices."""
+  if rate == 0:
+    return x
+  keep = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, layer), 1 - rate,
+                                                   x.shape[1:]))(keys)
+  return jnp.where(keep, x / (1 - rate), 0)
 
 
 class CNN(nnx.Module):
@@ -26,28 +47,29 @@ class CNN(nnx.Module):
                           conv_general_dilated=conv_fn, **common)
     self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, k, padding='VALID',
                           conv_general_dilated=conv_fn, **common)
-    self.conv_dropout = nnx.Dropout(config.conv_dropout)
+    self.conv_dropout = config.conv_dropout
     pooled = (IMAGE_SHAPE[0] - 2 * (config.kernel_size - 1)) // 2
     self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,
                              **common)
-    self.dense_dropout = nnx.Dropout(config.dense_dropout)
+    self.dense_dropout = config.dense_dropout
     self.dense2 = nnx.Linear(config.dense_features, config.num_classes, **common)
 
   def __call__(self, x: jax.Array, *, train: bool = False,
-               dropout_key: jax.Array | None = None) -> jax.Array:
+               dropout_keys: jax.Array | None = None) -> jax.Array:
     """Maps images in [0, 1], (N, 784) or (N, 28, 28, 1), to logits (N, num_classes).
 
-    Dropout is applied only when `train` is True, drawing from `dropout_key`.
+    Dropout is applied only when `train` is True, example i drawing from `dropout_keys[i]`.
     """
-    rngs = nnx.Rngs(dropout=dropout_key) if train else None
     x = x.reshape((x.shape[0], *IMAGE_SHAPE))
     x = nnx.relu(self.conv1(x))
     x = nnx.relu(self.conv2(x))
-    x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = self.conv_dropout(x, deterministic=not train, rngs=rngs)
+    x = max_pool_2x2(x)
+    if train:
+      x = dropout(x, self.conv_dropout, dropout_keys, layer=0)
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.
     x = nnx.relu(self.dense1(x))
-    x = self.dense_dropout(x, deterministic=not train, rngs=rngs)
+    if train:
+      x = dropout(x, self.dense_dropout, dropout_keys, layer=1)
     return self.dense2(x)
 
 

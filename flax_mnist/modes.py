@@ -38,7 +38,7 @@ def run_eval(config, workdir: str, step: str) -> dict:
   """Evaluates a checkpoint on config.eval_split; prints and appends to WORKDIR/eval.jsonl."""
   graphdef, state, meta = restore(config, workdir, step)
   mesh = parallel.make_mesh()
-  _, evaluate_step = ts.jit_steps(graphdef, ts.make_optimizer(config), mesh)
+  _, evaluate_step = ts.jit_steps(graphdef, ts.make_optimizer(config), mesh, config)
   split = input_pipeline.load_split(config, config.eval_split)
   val_loss, val_accuracy = train.evaluate(evaluate_step, state.params, mesh, split,
                                           config.eval_batch_size)

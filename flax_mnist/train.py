@@ -70,7 +70,7 @@ def train_epoch(train, state, mesh, split, config, epoch, bar):
 def compile_steps(graphdef, tx, state, mesh, config):
   """Compiles the train and eval steps ahead of time; returns (train, eval, seconds)."""
   start = time.perf_counter()
-  train, evaluate_step = ts.jit_steps(graphdef, tx, mesh)
+  train, evaluate_step = ts.jit_steps(graphdef, tx, mesh, config)
   data = parallel.batch_sharded(mesh)
 
   def batch_specs(size, *dtypes):

@@ -38,22 +38,46 @@ def test_keras_initializers():
   assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
 
 
+def _keys(seed, n=4):
+  return jax.random.split(jax.random.key(seed), n)
+
+
 def test_dropout_only_in_training():
   _, model = _model()
   x = jax.random.uniform(jax.random.key(1), (4, 784))
   np.testing.assert_array_equal(model(x), model(x))
-  key_a, key_b = jax.random.key(2), jax.random.key(3)
-  train_a = model(x, train=True, dropout_key=key_a)
-  np.testing.assert_array_equal(train_a, model(x, train=True, dropout_key=key_a))
-  assert not np.allclose(train_a, model(x, train=True, dropout_key=key_b))
+  train_a = model(x, train=True, dropout_keys=_keys(2))
+  np.testing.assert_array_equal(train_a, model(x, train=True, dropout_keys=_keys(2)))
+  assert not np.allclose(train_a, model(x, train=True, dropout_keys=_keys(3)))
   assert not np.allclose(train_a, model(x))
+
+
+def test_dropout_mask_is_per_example():
+  _, model = _model()
+  x = jax.random.uniform(jax.random.key(1), (4, 784))
+  keys = _keys(2)
+  whole = model(x, train=True, dropout_keys=keys)
+  halves = [model(x[i:i + 2], train=True, dropout_keys=keys[i:i + 2]) for i in (0, 2)]
+  np.testing.assert_allclose(whole, np.concatenate(halves), atol=1e-6)
+
+
+def test_dropout_rate_and_scaling():
+  keys = _keys(0, 200)
+  out = model_lib.dropout(jnp.ones((200, 1000)), 0.25, keys, layer=0)
+  assert abs(float((out == 0).mean()) - 0.25) < 0.01
+  np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.75], rtol=1e-6)
 
 
 def test_no_dropout_config_is_deterministic_in_training():
   _, model = _model(conv_dropout=0.0, dense_dropout=0.0)
   x = jax.random.uniform(jax.random.key(1), (4, 784))
-  np.testing.assert_allclose(model(x, train=True, dropout_key=jax.random.key(5)), model(x),
-                             atol=1e-6)
+  np.testing.assert_allclose(model(x, train=True, dropout_keys=_keys(5)), model(x), atol=1e-6)
+
+
+def test_max_pool_equals_reduce_window():
+  x = jax.random.normal(jax.random.key(0), (3, 24, 24, 8))
+  np.testing.assert_array_equal(model_lib.max_pool_2x2(x),
+                                nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
 
 
 @pytest.mark.parametrize('k, cin, cout', [(3, 1, 32), (3, 32, 64), (5, 32, 64)])

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from conftest import base_config
-from flax_mnist import parallel, train_step as ts
+from flax_mnist import idx, parallel, train_step as ts
 
 
 def _batch(n=64, seed=0):
@@ -13,12 +13,21 @@ def _batch(n=64, seed=0):
   return images, rng.integers(0, 10, n).astype(np.int32)
 
 
-def test_loss_falls_on_a_fixed_batch():
-  config = base_config(batch_size=64)
+def _digits(mnist_dir, n=64):
+  images, labels = idx.read_split(mnist_dir, 'test')
+  return images[:n, ..., None], labels[:n].astype(np.int32)
+
+
+def _compiled(config):
   graphdef, state, tx = ts.create(config)
   mesh = parallel.make_mesh()
-  train, _ = ts.jit_steps(graphdef, tx, mesh)
-  batch = parallel.put_batch(mesh, *_batch())
+  train, _ = ts.jit_steps(graphdef, tx, mesh, config)
+  return train, jax.device_put(state, parallel.replicated(mesh)), mesh
+
+
+def test_loss_falls_on_a_fixed_batch(mnist_dir):
+  train, state, mesh = _compiled(base_config(batch_size=64))
+  batch = parallel.put_batch(mesh, *_digits(mnist_dir))
   losses = []
   for _ in range(15):
     state, metrics = train(state, *batch)
@@ -35,10 +44,7 @@ def test_train_step_traces_once(monkeypatch):
     traces.append(1)
     return original(*args)
   monkeypatch.setattr(ts, 'train_step', counting)
-  config = base_config(batch_size=32)
-  graphdef, state, tx = ts.create(config)
-  mesh = parallel.make_mesh()
-  train, _ = ts.jit_steps(graphdef, tx, mesh)
+  train, state, mesh = _compiled(base_config(batch_size=32))
   for seed in range(4):
     state, _ = train(state, *parallel.put_batch(mesh, *_batch(32, seed)))
   assert len(traces) == 1
@@ -48,9 +54,7 @@ def test_training_is_reproducible_for_a_seed():
   config = base_config(batch_size=32)
   results = []
   for _ in range(2):
-    graphdef, state, tx = ts.create(config)
-    mesh = parallel.make_mesh()
-    train, _ = ts.jit_steps(graphdef, tx, mesh)
+    train, state, mesh = _compiled(config)
     batch = parallel.put_batch(mesh, *_batch(32))
     for _ in range(2):
       state, _ = train(state, *batch)
@@ -65,8 +69,42 @@ def test_eval_step_masks_padding():
   graphdef, state, _ = ts.create(config)
   images, labels = _batch(8)
   mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
-  padded = ts.eval_step(graphdef, state.params, images, labels, mask)
-  exact = ts.eval_step(graphdef, state.params, images[:5], labels[:5], np.ones(5, np.float32))
+  padded = ts.eval_step(graphdef, 1, state.params, images, labels, mask)
+  exact = ts.eval_step(graphdef, 1, state.params, images[:5], labels[:5], np.ones(5, np.float32))
   assert float(padded['count']) == 5
   np.testing.assert_allclose(padded['loss_sum'], exact['loss_sum'], rtol=1e-5)
   assert float(padded['correct']) == float(exact['correct'])
+
+
+def _one_step(config, batch):
+  train, state, mesh = _compiled(config)
+  state, metrics = train(state, *parallel.put_batch(mesh, *batch))
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_micro_batches_change_speed_not_maths():
+  batch = _batch(60)
+  whole_params, whole_metrics = _one_step(base_config(batch_size=60, micro_batch_size=60), batch)
+  for micro in (5, 20):
+    params, metrics = _one_step(base_config(batch_size=60, micro_batch_size=micro), batch)
+    np.testing.assert_allclose(metrics['loss_sum'], whole_metrics['loss_sum'], rtol=1e-5)
+    assert metrics['correct'] == whole_metrics['correct']
+    # Adam's first update is about lr * sign(grad) = 1e-3: near-zero gradients summed in
+    # another order may move a weight by a little more or less; 1e-5 is 1% of that step.
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(whole_params)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_split_micro_batches_interleaves():
+  x = np.arange(12)
+  chunks = np.asarray(ts.split_micro_batches(x, 3))
+  np.testing.assert_array_equal(chunks, [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
+
+
+def test_auto_micro_batch_size():
+  config = base_config()
+  assert ts.micro_batch_size(config, 1, 'cpu') == 25
+  assert ts.micro_batch_size(config, 4, 'cpu') == 100
+  assert ts.micro_batch_size(config, 1, 'gpu') == 500
+  assert ts.micro_batch_size(base_config(conv_impl='xla'), 1, 'cpu') == 500
+  assert ts.micro_batch_size(base_config(micro_batch_size=50), 1, 'cpu') == 50
