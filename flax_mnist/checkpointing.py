@@ -20,7 +20,7 @@ from flax_mnist.errors import FlaxMnistError
 # not change the model or what training computes. Every other field must match.
 MAY_DIFFER = frozenset({'num_epochs', 'data_dir', 'idx_dir', 'progress_bar', 'eval_batch_size',
                         'eval_split', 'conv_impl', 'micro_batch_size', 'keep_checkpoints',
-                        'init_from'})
+                        'init_from', 'device_data'})
 
 
 class CheckpointError(FlaxMnistError):

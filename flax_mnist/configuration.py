@@ -34,6 +34,7 @@ _SCHEMA = {
     'num_epochs': (int, lambda v: v > 0, 'a positive integer'),
     'seed': (int, lambda v: v >= 0, 'a non-negative integer'),
     'progress_bar': (bool, None, 'True or False'),
+    'device_data': (str, lambda v: v in ('auto', 'on', 'off'), 'one of auto, on, off'),
     'keep_checkpoints': (int, lambda v: v > 0, 'a positive integer'),
     'init_from': (str, lambda v: not v or v.endswith(('.h5', '.hdf5')),
                   'empty or the path of a Keras .h5/.hdf5 file'),

@@ -4,8 +4,11 @@ MNIST is 47 MB as uint8, so each split is read through tfds once and batched wit
 training order is a pure function of (seed, epoch), which makes resumed runs exact.
 """
 
+import contextlib
 import dataclasses
 import os
+import sys
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,11 +28,38 @@ class Split:
     return len(self.labels)
 
 
+@contextlib.contextmanager
+def _stderr_held_back():
+  """Holds back what C++ libraries write to stderr (fd 2); replays it if the body fails.
+
+  TensorFlow prints CUDA and oneDNN notices at import, before its log settings apply, on every
+  CPU-only run: noise, unless the import itself fails.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors='replace'))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def import_tfds():
   """Imports tensorflow_datasets with TensorFlow hidden from every GPU (JAX owns them)."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TF's C++ start-up chatter.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  with _stderr_held_back():
+    import tensorflow as tf
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:  # TF's devices were initialised earlier (e.g. by Keras): too late.
+      pass
   import tensorflow_datasets as tfds
   return tfds
 

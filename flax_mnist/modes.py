@@ -46,6 +46,7 @@ def run_eval(config, workdir: str, step: str) -> dict:
              split=config.eval_split, val_loss=val_loss, val_accuracy=val_accuracy)
   train.say(f'Eval of {_describe(state, meta)} on {len(split)} {config.eval_split} samples - '
             f'val_loss: {val_loss:.4f} - val_accuracy: {val_accuracy:.4f}')
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   with open(pathlib.Path(workdir) / 'eval.jsonl', 'a') as f:
     f.write(json.dumps(row) + '\n')
   return row

@@ -2,6 +2,7 @@
 
 import glob
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -48,9 +49,13 @@ def classify(model, images: np.ndarray) -> np.ndarray:
   return np.asarray(jax.nn.softmax(model(images.reshape(len(images), -1))))
 
 
-def classify_files(model, paths: list[pathlib.Path], invert: bool = False,
-                   report=print) -> int:
-  """Prints 'file: digit (probability)' per file; unreadable files get one error line each.
+def _print_error(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def classify_files(model, paths: list[pathlib.Path], invert: bool = False, report=print,
+                   report_error=_print_error) -> int:
+  """Reports 'file: digit (probability)' per file; unreadable files get one error line each.
 
   Returns the number of files that could not be classified.
   """
@@ -60,7 +65,7 @@ def classify_files(model, paths: list[pathlib.Path], invert: bool = False,
       images.append(load_image(path, invert))
       readable.append(path)
     except ImageError as e:
-      report(f'error: {e}')
+      report_error(f'error: {e}')
       failures += 1
   if images:
     probabilities = classify(model, np.stack(images))

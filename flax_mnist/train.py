@@ -5,6 +5,7 @@ orbax checkpoint. Running the same command again resumes from the newest checkpo
 data order depends only on (seed, epoch) and dropout keys only on (seed, step).
 """
 
+import math
 import pathlib
 import time
 
@@ -12,9 +13,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_mnist import checkpointing, input_pipeline, keras_export, model as model_lib
+from flax_mnist import checkpointing, device_data, input_pipeline, keras_export
+from flax_mnist import model as model_lib
 from flax_mnist import parallel, reporting
 from flax_mnist import train_step as ts
+from flax_mnist.errors import FlaxMnistError
 
 EXPORT_NAME = 'keras_cnn.h5'  # The seed's file name.
 
@@ -67,19 +70,42 @@ def train_epoch(train, state, mesh, split, config, epoch, bar):
   return state, _as_means(total)
 
 
-def compile_steps(graphdef, tx, state, mesh, config):
-  """Compiles the train and eval steps ahead of time; returns (train, eval, seconds)."""
-  start = time.perf_counter()
-  train, evaluate_step = ts.jit_steps(graphdef, tx, mesh, config)
+def _batch_specs(mesh, size, *dtypes):
   data = parallel.batch_sharded(mesh)
+  shapes = [(size, *input_pipeline.IMAGE_SHAPE)] + [(size,)] * (len(dtypes) - 1)
+  return [jax.ShapeDtypeStruct(s, d, sharding=data) for s, d in zip(shapes, dtypes)]
 
-  def batch_specs(size, *dtypes):
-    shapes = [(size, *input_pipeline.IMAGE_SHAPE)] + [(size,)] * (len(dtypes) - 1)
-    return [jax.ShapeDtypeStruct(s, d, sharding=data) for s, d in zip(shapes, dtypes)]
-  train = train.lower(state, *batch_specs(config.batch_size, np.uint8, np.int32)).compile()
-  evaluate_step = evaluate_step.lower(state.params, *batch_specs(
-      config.eval_batch_size, np.uint8, np.int32, np.float32)).compile()
-  return train, evaluate_step, time.perf_counter() - start
+
+def compile_epoch(graphdef, tx, state, mesh, config, train_split):
+  """Compiles training ahead of time; returns run_epoch(state, epoch, bar).
+
+  Host-fed: one jit step per batch. Device-resident (config.device_data): one scan per epoch.
+  """
+  if device_data.use_device_data(config):
+    device_split = device_data.put_split(train_split, mesh)
+    rows = device_data.epoch_rows(len(train_split), config.batch_size, config.seed, 1)
+    epoch_fn = device_data.make_train_epoch(graphdef, tx, mesh, config).lower(
+        state, *device_split, jax.ShapeDtypeStruct(rows.shape, rows.dtype)).compile()
+
+    def run_epoch(state, epoch, bar):
+      del bar  # Nothing to show: the epoch is a single device call.
+      return device_data.train_epoch(epoch_fn, state, device_split, len(train_split), config,
+                                     epoch)
+  else:
+    step, _ = ts.jit_steps(graphdef, tx, mesh, config)
+    step = step.lower(state, *_batch_specs(mesh, config.batch_size, np.uint8,
+                                           np.int32)).compile()
+
+    def run_epoch(state, epoch, bar):
+      return train_epoch(step, state, mesh, train_split, config, epoch, bar)
+  return run_epoch
+
+
+def compile_eval(graphdef, tx, state, mesh, config):
+  """The eval step, compiled ahead of time for config.eval_batch_size."""
+  _, evaluate_step = ts.jit_steps(graphdef, tx, mesh, config)
+  return evaluate_step.lower(state.params, *_batch_specs(
+      mesh, config.eval_batch_size, np.uint8, np.int32, np.float32)).compile()
 
 
 def initial_state(config, mesh, checkpoints):
@@ -120,12 +146,30 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   return history
 
 
+class TrainingDiverged(FlaxMnistError):
+  """The loss became NaN or infinite."""
+
+
+def _check_finite(row: dict, checkpoints) -> None:
+  if all(math.isfinite(row[k]) for k in ('loss', 'val_loss')):
+    return
+  kept = checkpoints.latest_step()
+  raise TrainingDiverged(
+      f"training diverged in epoch {row['epoch']} (loss {row['loss']}, val_loss "
+      f"{row['val_loss']}); nothing was saved for it, "
+      + (f'the newest checkpoint (step {kept}) is intact' if kept else 'no checkpoint exists yet')
+      + '. Lower --config.learning_rate.')
+
+
 def _train_epochs(config, workdir, mesh, checkpoints, graphdef, state, tx, epoch, history):
   train_split = input_pipeline.load_split(config, config.train_split)
   eval_split = input_pipeline.load_split(config, config.eval_split)
   if not history:
     say(model_lib.summary(config, nnx_model(graphdef, state)))
-  train, evaluate_step, seconds = compile_steps(graphdef, tx, state, mesh, config)
+  start = time.perf_counter()
+  evaluate_step = compile_eval(graphdef, tx, state, mesh, config)
+  run_epoch = compile_epoch(graphdef, tx, state, mesh, config, train_split)
+  seconds = time.perf_counter() - start
   steps = input_pipeline.steps_per_epoch(len(train_split), config.batch_size)
   num_samples = steps * config.batch_size
   say(f'Compiled in {seconds:.1f}s on {jax.device_count()} {jax.default_backend()} device(s). '
@@ -133,13 +177,14 @@ def _train_epochs(config, workdir, mesh, checkpoints, graphdef, state, tx, epoch
   for epoch in range(epoch + 1, config.num_epochs + 1):
     start = time.perf_counter()
     bar = reporting.ProgressBar(steps, enabled=config.progress_bar)
-    state, (loss, accuracy) = train_epoch(train, state, mesh, train_split, config, epoch, bar)
+    state, (loss, accuracy) = run_epoch(state, epoch, bar)
     train_seconds = time.perf_counter() - start
     val_loss, val_accuracy = evaluate(evaluate_step, state.params, mesh, eval_split,
                                       config.eval_batch_size)
     row = dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
                val_accuracy=val_accuracy, seconds=time.perf_counter() - start,
                samples_per_second=num_samples / train_seconds)
+    _check_finite(row, checkpoints)
     history = history + [row]
     checkpoints.save(int(state.step), state, dict(epoch=epoch, config=config.to_dict(),
                                                   history=history), val_accuracy)

@@ -12,7 +12,6 @@ from flax_mnist import conv, keras_import, model as model_lib
 from flax_mnist import parallel
 
 _CPU_EXAMPLES_PER_DEVICE = 25  # Per micro-batch; measured in benchmarks/throughput.py.
-_DROPOUT_STREAM = 1  # Folded into the seed so dropout keys never collide with init keys.
 
 
 @flax.struct.dataclass
@@ -37,13 +36,12 @@ def create(config, keras_weights: str = '') -> tuple[nnx.GraphDef, TrainState,
   Weights are Keras' initializers drawn from config.seed, or read from the Keras .h5 file
   `keras_weights` when given.
   """
-  seed_key = jax.random.key(config.seed)
-  model = model_lib.CNN(config, rngs=nnx.Rngs(params=seed_key))
+  params_key, dropout_root = jax.random.split(jax.random.key(config.seed))
+  model = model_lib.CNN(config, rngs=nnx.Rngs(params=params_key))
   if keras_weights:
     keras_import.load_weights(model, keras_weights)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config)
-  dropout_root = jax.random.fold_in(seed_key, _DROPOUT_STREAM)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      key=jax.random.key_data(dropout_root))
   return graphdef, state, tx

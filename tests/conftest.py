@@ -32,3 +32,31 @@ def prepared_data_dir(mnist_dir, tmp_path_factory) -> str:
   config = base_config(idx_dir=str(mnist_dir), data_dir=data_dir)
   input_pipeline.ensure_prepared(config, input_pipeline.get_builder(config))
   return data_dir
+
+
+def small_config(data_dir: str, **overrides):
+  """A seconds-long run on real data: 1000 training images, 600 test images, batch 200."""
+  settings = dict(data_dir=data_dir, train_split='train[:1000]', eval_split='test[:600]',
+                  batch_size=200, eval_batch_size=200, num_epochs=2, progress_bar=False)
+  settings.update(overrides)
+  return base_config(**settings)
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 600):
+  """Runs `code` in a fresh interpreter with `devices` CPU devices; returns the process."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=f'{REPO}{os.pathsep}{REPO / "tests"}',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(prepared_data_dir, tmp_path_factory):
+  """A workdir holding a finished 2-epoch small run: checkpoints, metrics.jsonl, keras_cnn.h5."""
+  from flax_mnist import train
+  workdir = tmp_path_factory.mktemp('trained')
+  train.train_and_evaluate(small_config(prepared_data_dir), str(workdir))
+  return workdir

@@ -1,0 +1,164 @@
+"""Train-step throughput of flax_mnist against the seed model in Keras 3 and PyTorch, in ONE run.
+
+  python benchmarks/throughput.py                      # k=3 (base) and k=5 (k5_nodropout)
+  python benchmarks/throughput.py --end_to_end --idx_dir=../shared/data/mnist
+
+Samples/s of forward + backward + Adam at batch 500, float32, on this machine. Systems are
+interleaved (the order rotates every repeat), warm-up (compilation) is excluded, and each figure
+is the median over repeats. Peers that are not installed are reported as missing
+(`pip install -e '.[bench]'` installs them). --end_to_end also times the whole 20-epoch job of
+flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as subprocesses.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
+
+import peers  # noqa: E402  (sets Keras' backend before anything imports it)
+
+CONFIGS = {3: 'configs/base.py', 5: 'configs/k5_nodropout.py'}
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location('bench_config', ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def measure(systems: list[str], config, steps: int, repeats: int) -> dict[str, list[float]]:
+  """samples/s of each system over `repeats` timed runs of `steps` steps, interleaved."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (config.batch_size, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, config.batch_size).astype(np.int32)
+  runners = {}
+  for name in systems:
+    start = time.perf_counter()
+    runners[name] = peers.SYSTEMS[name](config, images, labels)
+    runners[name](2)  # Warm-up: compilation, tracing, allocator.
+    print(f'  {name}: set up and warmed up in {time.perf_counter() - start:.1f}s', flush=True)
+  rates = {name: [] for name in systems}
+  for repeat in range(repeats):
+    order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]
+    for name in order:
+      start = time.perf_counter()
+      runners[name](steps)
+      rates[name].append(steps * config.batch_size / (time.perf_counter() - start))
+  return rates
+
+
+def installed(name: str) -> bool:
+  return importlib.util.find_spec(peers.PACKAGES[name]) is not None
+
+
+def version(package: str) -> str:
+  try:
+    return metadata.version(package)
+  except metadata.PackageNotFoundError:
+    return 'missing'
+
+
+def throughput_table(kernels, steps, repeats) -> str:
+  names = list(peers.SYSTEMS)
+  available = [n for n in names if installed(n)]
+  rows = ['| k | ' + ' | '.join(names) + ' | fastest peer | flax_mnist / fastest peer |',
+          '|---' * (len(names) + 3) + '|']
+  for k in kernels:
+    config = load_config(CONFIGS[k])
+    print(f'k={k} ({CONFIGS[k]}): {steps} steps x {repeats} repeats', flush=True)
+    medians = {n: statistics.median(r) for n, r in
+               measure(available, config, steps, repeats).items()}
+    cells = [f'{medians[n]:.0f}' if n in medians else 'missing' for n in names]
+    peer_rates = {n: v for n, v in medians.items() if n != 'flax_mnist'}
+    best = max(peer_rates, key=peer_rates.get) if peer_rates else None
+    ratio = f'{medians["flax_mnist"] / peer_rates[best]:.2f}x' if best else 'n/a'
+    rows.append(f'| {k} | ' + ' | '.join(cells) + f' | {best} | {ratio} |')
+  return '\n'.join(rows)
+
+
+def _timed(command: list[str]) -> tuple[float, str]:
+  start = time.perf_counter()
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  if result.returncode:
+    raise SystemExit(f'{" ".join(command)} failed:\n{result.stderr[-3000:]}')
+  return time.perf_counter() - start, result.stdout
+
+
+def end_to_end_table(idx_dir: str, workdir: str) -> str:
+  """Wall time of the whole base job (20 epochs, eval each epoch) for both programs."""
+  rows = ['| program | wall time (s) | compile (s) | final val_accuracy |', '|---|---|---|---|']
+  with tempfile.TemporaryDirectory() as scratch:
+    if Path(workdir or scratch, 'checkpoints').exists():
+      raise SystemExit(f'{workdir} already holds a run; pass a fresh --e2e_workdir.')
+    seconds, out = _timed([sys.executable, '-m', 'flax_mnist.main', '--config',
+                           'configs/base.py', f'--config.idx_dir={idx_dir}',
+                           f'--workdir={workdir or scratch}', '--config.progress_bar=false'])
+  compile_s = re.search(r'Compiled in ([\d.]+)s', out).group(1)
+  accuracy = re.findall(r'val_accuracy: ([\d.]+)', out)[-1]
+  rows.append(f'| flax_mnist (`python -m flax_mnist.main --config configs/base.py`) | '
+              f'{seconds:.0f} | {compile_s} | {accuracy} |')
+  seconds, out = _timed([sys.executable, str(ROOT / 'benchmarks' / 'seed_keras.py'),
+                         f'--idx_dir={idx_dir}'])
+  accuracy = re.findall(r'val_accuracy: ([\d.]+)', out)[-1]
+  rows.append(f'| seed notebook Keras code (`benchmarks/seed_keras.py`) | {seconds:.0f} | '
+              f'in epoch 1 | {accuracy} |')
+  return '\n'.join(rows)
+
+
+def header(argv) -> str:
+  packages = ['jax', 'jaxlib', 'flax', 'optax', 'keras', 'tensorflow-cpu', 'torch', 'numpy']
+  cpu = next((line.split(':', 1)[1].strip() for line in
+              Path('/proc/cpuinfo').read_text().splitlines() if line.startswith('model name')),
+             platform.processor()) if Path('/proc/cpuinfo').exists() else platform.processor()
+  return '\n'.join([
+      f'## {datetime.date.today().isoformat()}: `python benchmarks/throughput.py '
+      f'{" ".join(argv)}`'.rstrip() + '',
+      '',
+      f'Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, '
+      f'Python {platform.python_version()}. Versions: '
+      + ', '.join(f'{p} {version(p)}' for p in packages) + '.', ''])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--kernels', default='3,5', help='kernel sizes to measure (3, 5)')
+  parser.add_argument('--steps', type=int, default=10, help='train steps per timed run')
+  parser.add_argument('--repeats', type=int, default=5, help='timed runs per system')
+  parser.add_argument('--end_to_end', action='store_true',
+                      help='also time the full 20-epoch base job against the seed Keras code')
+  parser.add_argument('--idx_dir', default=str(ROOT.parent / 'shared' / 'data' / 'mnist'),
+                      help='IDX files for --end_to_end')
+  parser.add_argument('--e2e_workdir', default='',
+                      help='keep the end-to-end flax_mnist run here (default: a temp dir)')
+  parser.add_argument('--markdown', default='', help='append the report to this file')
+  args = parser.parse_args()
+  report = header(sys.argv[1:]) + '\nTrain-step throughput, samples/s (median of '
+  report += f'{args.repeats} runs of {args.steps} steps, batch 500, float32):\n\n'
+  report += throughput_table([int(k) for k in args.kernels.split(',')], args.steps,
+                             args.repeats) + '\n'
+  if args.end_to_end:
+    report += '\nWhole job, base config (20 epochs, validation after each):\n\n'
+    report += end_to_end_table(args.idx_dir, args.e2e_workdir) + '\n'
+  print('\n' + report)
+  if args.markdown:
+    with open(args.markdown, 'a') as f:
+      f.write('\n' + report)
+
+
+if __name__ == '__main__':
+  main()

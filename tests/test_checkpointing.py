@@ -1,0 +1,122 @@
+"""Checkpoints: exact resume, restore across device counts, incompatible configs."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_python, small_config
+from flax_mnist import checkpointing, modes, parallel, reporting, train
+from flax_mnist import train_step as ts
+
+
+def _final_params(config, workdir):
+  _, state, _ = modes.restore(config, str(workdir), 'latest')
+  return jax.tree.leaves(jax.device_get(state.params))
+
+
+def _without_timings(rows):
+  return [{k: v for k, v in row.items() if k not in ('seconds', 'samples_per_second')}
+          for row in rows]
+
+
+def test_resume_is_bit_identical(prepared_data_dir, tmp_path, capsys):
+  config = small_config(prepared_data_dir, num_epochs=3)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2),
+                           str(tmp_path / 'resumed'))
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert 'Resumed from epoch 2, step 10' in capsys.readouterr().out
+  assert _without_timings(resumed) == _without_timings(straight)
+  for a, b in zip(_final_params(config, tmp_path / 'straight'),
+                  _final_params(config, tmp_path / 'resumed')):
+    np.testing.assert_array_equal(a, b)
+  rows = reporting.read_metrics(tmp_path / 'resumed' / 'metrics.jsonl')
+  assert [r['epoch'] for r in rows] == [1, 2, 3]
+
+
+def test_finished_run_is_a_no_op(trained_workdir, prepared_data_dir, capsys):
+  before = sorted(p.name for p in (trained_workdir / 'checkpoints').iterdir())
+  rows = train.train_and_evaluate(small_config(prepared_data_dir), str(trained_workdir))
+  assert 'Already finished: epoch 2/2' in capsys.readouterr().out
+  assert [r['epoch'] for r in rows] == [1, 2]
+  assert sorted(p.name for p in (trained_workdir / 'checkpoints').iterdir()) == before
+
+
+def test_metrics_rows_follow_the_checkpoint(prepared_data_dir, tmp_path):
+  workdir = tmp_path / 'w'
+  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), str(workdir))
+  with open(workdir / 'metrics.jsonl', 'a') as f:  # As if killed after logging epoch 2 only.
+    f.write(json.dumps({'epoch': 2, 'loss': 0.0}) + '\n')
+  rows = train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), str(workdir))
+  logged = reporting.read_metrics(workdir / 'metrics.jsonl')
+  assert [r['epoch'] for r in logged] == [1, 2] and logged[1]['loss'] == rows[1]['loss'] > 0
+
+
+def test_keeps_latest_and_best(prepared_data_dir, tmp_path):
+  config = small_config(prepared_data_dir, num_epochs=4, keep_checkpoints=2)
+  rows = train.train_and_evaluate(config, str(tmp_path))
+  with checkpointing.open_checkpoints(tmp_path) as checkpoints:
+    steps = checkpoints.steps()
+    best = checkpoints.best_step()
+    assert steps[-2:] == [15, 20]
+    best_epoch = max((r['val_accuracy'], r['epoch']) for r in rows)[1]  # Ties: the later.
+    assert checkpoints.read_meta(best)['epoch'] == best_epoch and best in steps
+    assert len(steps) == (2 if best_epoch >= 3 else 3)
+
+
+def test_incompatible_config_names_the_fields(trained_workdir, prepared_data_dir):
+  config = small_config(prepared_data_dir, kernel_size=5, learning_rate=0.01)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'another config \(kernel_size: 3 -> 5; learning_rate: 0.001 -> '
+                           r'0.01\); use another --workdir'):
+    train.train_and_evaluate(config, str(trained_workdir))
+
+
+_TRAIN_AND_REPORT = '''
+import json, sys
+import jax
+from conftest import small_config
+from flax_mnist import modes, train
+config = small_config({data_dir!r})
+if {train!r}:
+  rows = train.train_and_evaluate(config, {workdir!r})
+  print('VAL', json.dumps(rows[-1]['val_accuracy']))
+row = modes.run_eval(config, {workdir!r}, 'latest')
+print('EVAL', json.dumps(row['val_accuracy']), jax.device_count())
+'''
+
+
+def _report(result, tag):
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith(tag)][-1]
+  return line.split()[1:]
+
+
+@pytest.mark.parametrize('train_devices, restore_devices', [(8, 1), (1, 8)])
+def test_restore_on_another_device_count(prepared_data_dir, tmp_path, train_devices,
+                                         restore_devices):
+  workdir = str(tmp_path / 'w')
+  code = dict(data_dir=prepared_data_dir, workdir=workdir)
+  trained = run_python(_TRAIN_AND_REPORT.format(train=True, **code), train_devices)
+  recorded = float(_report(trained, 'VAL')[0])
+  restored = run_python(_TRAIN_AND_REPORT.format(train=False, **code), restore_devices)
+  accuracy, devices = _report(restored, 'EVAL')
+  assert int(devices) == restore_devices
+  assert float(accuracy) == recorded
+
+
+def test_divergence_stops_without_saving_non_finite_weights(prepared_data_dir, tmp_path,
+                                                           monkeypatch):
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), workdir)
+  poisoned = ts.to_unit_float
+  monkeypatch.setattr(ts, 'to_unit_float', lambda images: poisoned(images) * float('nan'))
+  config = small_config(prepared_data_dir, num_epochs=2)
+  with pytest.raises(train.TrainingDiverged,
+                     match=r'diverged in epoch 2 \(loss nan.*newest checkpoint \(step 5\) is '
+                           r'intact\. Lower --config.learning_rate'):
+    train.train_and_evaluate(config, workdir)
+  with checkpointing.open_checkpoints(workdir) as checkpoints:
+    assert checkpoints.steps() == [5]

@@ -1,0 +1,35 @@
+"""Device-resident epochs (one lax.scan each) give the host-fed path's numbers."""
+
+import jax
+import numpy as np
+
+from conftest import base_config, small_config
+from flax_mnist import device_data, input_pipeline, modes, train
+
+
+def test_device_epochs_equal_host_fed_epochs(prepared_data_dir, tmp_path):
+  runs = {}
+  for mode in ('off', 'on'):
+    config = small_config(prepared_data_dir, device_data=mode)
+    rows = train.train_and_evaluate(config, str(tmp_path / mode))
+    _, state, _ = modes.restore(config, str(tmp_path / mode), 'latest')
+    runs[mode] = rows, jax.tree.leaves(jax.device_get(state.params))
+  for host_row, device_row in zip(runs['off'][0], runs['on'][0]):
+    for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+      np.testing.assert_allclose(device_row[key], host_row[key], rtol=1e-6)
+  for host, device in zip(runs['off'][1], runs['on'][1]):
+    np.testing.assert_allclose(device, host, atol=1e-6)
+
+
+def test_epoch_rows_are_the_host_batches():
+  split = input_pipeline.Split(images=np.zeros((1050, 28, 28, 1), np.uint8),
+                               labels=np.arange(1050, dtype=np.int32))
+  host = [labels for _, labels in input_pipeline.train_batches(split, 100, seed=4, epoch=2)]
+  np.testing.assert_array_equal(device_data.epoch_rows(1050, 100, seed=4, epoch=2), host)
+
+
+def test_auto_is_on_for_accelerators_only():
+  config = base_config()
+  assert device_data.use_device_data(config, 'gpu') and device_data.use_device_data(config, 'tpu')
+  assert not device_data.use_device_data(config, 'cpu')
+  assert device_data.use_device_data(base_config(device_data='on'), 'cpu')

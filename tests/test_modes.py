@@ -1,0 +1,102 @@
+"""--mode=eval/export/predict through the command line, on a trained workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, small_config
+from flax_mnist import idx, modes, predict, reporting, train
+
+
+def _cli(workdir, data_dir, *args):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  small = ['--config.train_split=train[:1000]', '--config.eval_split=test[:600]',
+           '--config.batch_size=200', '--config.eval_batch_size=200']
+  return subprocess.run([sys.executable, '-m', 'flax_mnist.main', '--config', 'configs/base.py',
+                         f'--workdir={workdir}', f'--config.data_dir={data_dir}', *small, *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_reproduces_the_recorded_val_accuracy(trained_workdir, prepared_data_dir):
+  result = _cli(trained_workdir, prepared_data_dir, '--mode=eval')
+  assert result.returncode == 0, result.stderr[-2000:]
+  recorded = reporting.read_metrics(trained_workdir / 'metrics.jsonl')[-1]
+  row = json.loads((trained_workdir / 'eval.jsonl').read_text().splitlines()[-1])
+  assert row['val_accuracy'] == recorded['val_accuracy'] and row['epoch'] == 2
+  assert f"val_accuracy: {recorded['val_accuracy']:.4f}" in result.stdout
+
+
+def test_eval_of_missing_step_lists_the_steps(trained_workdir, prepared_data_dir):
+  result = _cli(trained_workdir, prepared_data_dir, '--mode=eval', '--step=3')
+  assert result.returncode == 2
+  assert result.stderr.strip().endswith('available: 5, 10, latest, best.')
+
+
+def test_eval_without_checkpoint_writes_nothing(tmp_path, prepared_data_dir):
+  result = _cli(tmp_path / 'empty', prepared_data_dir, '--mode=eval')
+  assert result.returncode == 2 and 'no checkpoint in' in result.stderr
+  assert not (tmp_path / 'empty').exists()
+
+
+def test_export_writes_the_requested_file(trained_workdir, prepared_data_dir, tmp_path):
+  out = tmp_path / 'exported.h5'
+  result = _cli(trained_workdir, prepared_data_dir, '--mode=export', f'--output={out}',
+                '--step=best')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert out.is_file() and f'to {out}' in result.stdout
+
+
+@pytest.fixture(scope='module')
+def digit_files(tmp_path_factory, mnist_dir):
+  """The first 8 test digits as PNGs: plain, upscaled RGB, and inverted JPEG variants."""
+  folder = tmp_path_factory.mktemp('digits')
+  images, _ = idx.read_split(mnist_dir, 'test')
+  paths = []
+  for i, image in enumerate(images[:8]):
+    path = folder / f'digit{i}.png'
+    Image.fromarray(image).save(path)
+    paths.append(path)
+  Image.fromarray(images[0]).convert('RGB').resize((112, 112)).save(folder / 'big_rgb.png')
+  Image.fromarray(255 - images[1]).save(folder / 'paper.jpg', quality=95)
+  (folder / 'notes.png').write_text('not an image')
+  return folder, paths, images[:8]
+
+
+def test_predict_classifies_files_as_the_model_does_in_memory(trained_workdir,
+                                                              prepared_data_dir, digit_files):
+  folder, paths, images = digit_files
+  graphdef, state, _ = modes.restore(small_config(prepared_data_dir), str(trained_workdir),
+                                     'latest')
+  expected = predict.classify(train.nnx_model(graphdef, state), images / np.float32(255))
+  result = _cli(trained_workdir, prepared_data_dir, '--mode=predict',
+                f'--images={folder}/digit*.png')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()[-8:]
+  for line, path, p in zip(lines, paths, expected):
+    assert line == f'{path}: {int(p.argmax())} ({float(p.max()):.4f})'
+
+
+def test_predict_reports_bad_files_and_classifies_the_rest(trained_workdir, prepared_data_dir,
+                                                           digit_files):
+  folder, paths, _ = digit_files
+  result = _cli(trained_workdir, prepared_data_dir, '--mode=predict',
+                f'--images={folder}/notes.png,{paths[0]},{folder}/missing.png')
+  assert result.returncode == 1
+  assert f'error: {folder}/notes.png: not a readable image' in result.stderr
+  assert f'error: {folder}/missing.png: no such file.' in result.stderr
+  assert f'{paths[0]}: ' in result.stdout
+
+
+def test_load_image_converts_size_colour_and_inversion(digit_files):
+  folder, paths, images = digit_files
+  plain = predict.load_image(paths[0])
+  np.testing.assert_allclose(plain, images[0] / 255.0, atol=1e-6)
+  big = predict.load_image(folder / 'big_rgb.png')
+  assert big.shape == (28, 28) and np.abs(big - plain).mean() < 0.05
+  paper = predict.load_image(folder / 'paper.jpg', invert=True)
+  assert np.abs(paper - images[1] / 255.0).mean() < 0.02
