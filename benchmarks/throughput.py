@@ -5,7 +5,8 @@
 
 Samples/s of forward + backward + Adam at batch 500, float32, on this machine. Systems are
 interleaved (the order rotates every repeat), warm-up (compilation) is excluded, and each figure
-is the median over repeats. Peers that are not installed are reported as missing
+is the median over repeats. Each system runs in its own process, on the same batch of real
+MNIST digits. Peers that are not installed are reported as missing
 (`pip install -e '.[bench]'` installs them). --end_to_end also times the whole 20-epoch job of
 flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as subprocesses.
 """
@@ -13,6 +14,7 @@ flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as s
 import argparse
 import datetime
 import importlib.util
+import multiprocessing
 import os
 import platform
 import re
@@ -32,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 import peers  # noqa: E402  (sets Keras' backend before anything imports it)
 
 CONFIGS = {3: 'configs/base.py', 5: 'configs/k5_nodropout.py'}
+_SETTLE_SECONDS = 1.0  # Idle time before each timed block, for other runtimes' threads.
 
 
 def load_config(path: str):
@@ -41,24 +44,58 @@ def load_config(path: str):
   return module.get_config()
 
 
-def measure(systems: list[str], config, steps: int, repeats: int) -> dict[str, list[float]]:
-  """samples/s of each system over `repeats` timed runs of `steps` steps, interleaved."""
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (config.batch_size, 28, 28, 1), dtype=np.uint8)
-  labels = rng.integers(0, 10, config.batch_size).astype(np.int32)
-  runners = {}
-  for name in systems:
+def _worker(name: str, config_path: str, connection) -> None:
+  """Builds one system in its own process, warms it up, then runs timed blocks on request."""
+  config = load_config(config_path)
+  images, labels = benchmark_batch(config.batch_size)
+  start = time.perf_counter()
+  run = peers.SYSTEMS[name](config, images, labels)
+  run(2)  # Warm-up: compilation, tracing, allocator.
+  connection.send(time.perf_counter() - start)
+  while (steps := connection.recv()) is not None:
     start = time.perf_counter()
-    runners[name] = peers.SYSTEMS[name](config, images, labels)
-    runners[name](2)  # Warm-up: compilation, tracing, allocator.
-    print(f'  {name}: set up and warmed up in {time.perf_counter() - start:.1f}s', flush=True)
+    run(steps)
+    connection.send(time.perf_counter() - start)
+
+
+def benchmark_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `batch_size` real MNIST training digits when the IDX files are at hand."""
+  idx_dir = ROOT.parent / 'shared' / 'data' / 'mnist'
+  if (idx_dir / 'train-images-idx3-ubyte.gz').exists():
+    from flax_mnist import idx
+    images, labels = idx.read_split(idx_dir, 'train')
+    return images[:batch_size, ..., None], labels[:batch_size].astype(np.int32)
+  rng = np.random.default_rng(0)
+  return (rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
+          rng.integers(0, 10, batch_size).astype(np.int32))
+
+
+def measure(systems: list[str], config_path: str, steps: int,
+            repeats: int) -> dict[str, list[float]]:
+  """samples/s of each system over `repeats` timed blocks of `steps` steps, interleaved.
+
+  Each system lives in its own process, so no runtime's idle threads (OpenMP, Eigen, XLA
+  spin-wait after work) steal cores from another's timed block; blocks are also spaced apart.
+  """
+  context = multiprocessing.get_context('spawn')
+  workers = {}
+  for name in systems:
+    parent, child = context.Pipe()
+    process = context.Process(target=_worker, args=(name, config_path, child), daemon=True)
+    process.start()
+    workers[name] = (process, parent)
+    print(f'  {name}: set up and warmed up in {parent.recv():.1f}s', flush=True)
+  batch = load_config(config_path).batch_size
   rates = {name: [] for name in systems}
   for repeat in range(repeats):
     order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]
     for name in order:
-      start = time.perf_counter()
-      runners[name](steps)
-      rates[name].append(steps * config.batch_size / (time.perf_counter() - start))
+      time.sleep(_SETTLE_SECONDS)
+      workers[name][1].send(steps)
+      rates[name].append(steps * batch / workers[name][1].recv())
+  for process, connection in workers.values():
+    connection.send(None)
+    process.join()
   return rates
 
 
@@ -79,10 +116,9 @@ def throughput_table(kernels, steps, repeats) -> str:
   rows = ['| k | ' + ' | '.join(names) + ' | fastest peer | flax_mnist / fastest peer |',
           '|---' * (len(names) + 3) + '|']
   for k in kernels:
-    config = load_config(CONFIGS[k])
     print(f'k={k} ({CONFIGS[k]}): {steps} steps x {repeats} repeats', flush=True)
     medians = {n: statistics.median(r) for n, r in
-               measure(available, config, steps, repeats).items()}
+               measure(available, CONFIGS[k], steps, repeats).items()}
     cells = [f'{medians[n]:.0f}' if n in medians else 'missing' for n in names]
     peer_rates = {n: v for n, v in medians.items() if n != 'flax_mnist'}
     best = max(peer_rates, key=peer_rates.get) if peer_rates else None

@@ -11,7 +11,9 @@ from flax import nnx
 from flax_mnist import conv, keras_import, model as model_lib
 from flax_mnist import parallel
 
-_CPU_EXAMPLES_PER_DEVICE = 25  # Per micro-batch; measured in benchmarks/throughput.py.
+# Bytes of conv2 im2col patches per micro-batch and device on CPU: small enough for the cache.
+# Measured here: k=3 fastest at 10 examples, k=5 at 5 (benchmarks/RESULTS.md).
+_CPU_PATCH_BYTES = 7_000_000
 
 
 @flax.struct.dataclass
@@ -130,15 +132,17 @@ def micro_batch_counts(config, device_count: int) -> tuple[int, int]:
 
 
 def micro_batch_size(config, device_count: int, backend: str | None = None) -> int:
-  """config.micro_batch_size, or for 0 (auto): about 25 examples per device with im2col on CPU
-  (cache-sized), else the whole batch. Always divides both batch sizes and is a multiple of the
-  device count."""
+  """config.micro_batch_size, or for 0 (auto): with im2col on CPU, as many examples per device
+  as keep conv2's patches within _CPU_PATCH_BYTES; elsewhere the whole batch. Always divides
+  both batch sizes and is a multiple of the device count."""
   if config.micro_batch_size:
     return config.micro_batch_size
   backend = backend or jax.default_backend()
   if conv.resolve(config.conv_impl, backend) != 'im2col' or backend != 'cpu':
     return config.batch_size
-  target = _CPU_EXAMPLES_PER_DEVICE * device_count
+  side = 28 - 2 * (config.kernel_size - 1)
+  patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
+  target = max(_CPU_PATCH_BYTES // patch_bytes, 1) * device_count
   fits = [m for m in range(device_count, target + 1, device_count)
           if config.batch_size % m == 0 and config.eval_batch_size % m == 0]
   return max(fits) if fits else config.batch_size
