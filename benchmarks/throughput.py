@@ -5,8 +5,8 @@
 
 Samples/s of forward + backward + Adam at batch 500, float32, on this machine. Systems are
 interleaved (the order rotates every repeat), warm-up (compilation) is excluded, and each figure
-is the median over repeats. Each system runs in its own process, on the same batch of real
-MNIST digits. Peers that are not installed are reported as missing
+is the median over repeats, all on the same batch of real MNIST digits. Every timed block
+runs in a fresh process, so no runtime's threads slow another down. Peers that are not installed are reported as missing
 (`pip install -e '.[bench]'` installs them). --end_to_end also times the whole 20-epoch job of
 flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as subprocesses.
 """
@@ -14,7 +14,6 @@ flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as s
 import argparse
 import datetime
 import importlib.util
-import multiprocessing
 import os
 import platform
 import re
@@ -34,7 +33,6 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 import peers  # noqa: E402  (sets Keras' backend before anything imports it)
 
 CONFIGS = {3: 'configs/base.py', 5: 'configs/k5_nodropout.py'}
-_SETTLE_SECONDS = 1.0  # Idle time before each timed block, for other runtimes' threads.
 
 
 def load_config(path: str):
@@ -42,20 +40,6 @@ def load_config(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def _worker(name: str, config_path: str, connection) -> None:
-  """Builds one system in its own process, warms it up, then runs timed blocks on request."""
-  config = load_config(config_path)
-  images, labels = benchmark_batch(config.batch_size)
-  start = time.perf_counter()
-  run = peers.SYSTEMS[name](config, images, labels)
-  run(2)  # Warm-up: compilation, tracing, allocator.
-  connection.send(time.perf_counter() - start)
-  while (steps := connection.recv()) is not None:
-    start = time.perf_counter()
-    run(steps)
-    connection.send(time.perf_counter() - start)
 
 
 def benchmark_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,32 +54,36 @@ def benchmark_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
           rng.integers(0, 10, batch_size).astype(np.int32))
 
 
+def time_one_block(name: str, config_path: str, steps: int) -> float:
+  """In a worker process: builds `name`, warms it up, returns samples/s of `steps` steps."""
+  config = load_config(config_path)
+  run = peers.SYSTEMS[name](config, *benchmark_batch(config.batch_size))
+  run(2)  # Warm-up: compilation, tracing, allocator.
+  run(steps)  # Keras builds a new input pipeline per block size: warm that up too.
+  start = time.perf_counter()
+  seconds = run(steps)
+  return steps * config.batch_size / (seconds or time.perf_counter() - start)
+
+
 def measure(systems: list[str], config_path: str, steps: int,
             repeats: int) -> dict[str, list[float]]:
   """samples/s of each system over `repeats` timed blocks of `steps` steps, interleaved.
 
-  Each system lives in its own process, so no runtime's idle threads (OpenMP, Eigen, XLA
-  spin-wait after work) steal cores from another's timed block; blocks are also spaced apart.
+  Every block runs in a fresh process (python throughput.py --worker): runtimes sharing a
+  process slow each other down (their idle thread pools keep spinning), measured here as up to
+  a third off Keras' speed.
   """
-  context = multiprocessing.get_context('spawn')
-  workers = {}
-  for name in systems:
-    parent, child = context.Pipe()
-    process = context.Process(target=_worker, args=(name, config_path, child), daemon=True)
-    process.start()
-    workers[name] = (process, parent)
-    print(f'  {name}: set up and warmed up in {parent.recv():.1f}s', flush=True)
-  batch = load_config(config_path).batch_size
   rates = {name: [] for name in systems}
   for repeat in range(repeats):
-    order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]
-    for name in order:
-      time.sleep(_SETTLE_SECONDS)
-      workers[name][1].send(steps)
-      rates[name].append(steps * batch / workers[name][1].recv())
-  for process, connection in workers.values():
-    connection.send(None)
-    process.join()
+    for name in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
+      result = subprocess.run(
+          [sys.executable, __file__, '--worker', name, '--worker_config', config_path,
+           '--steps', str(steps)], cwd=ROOT, capture_output=True, text=True)
+      lines = [l for l in result.stdout.splitlines() if l.startswith('RATE ')]
+      if result.returncode or not lines:
+        raise SystemExit(f'{name} failed:\n{result.stderr[-3000:]}')
+      rates[name].append(float(lines[-1].split()[1]))
+      print(f'  repeat {repeat + 1}: {name} {rates[name][-1]:.0f} samples/s', flush=True)
   return rates
 
 
@@ -110,8 +98,7 @@ def version(package: str) -> str:
     return 'missing'
 
 
-def throughput_table(kernels, steps, repeats) -> str:
-  names = list(peers.SYSTEMS)
+def throughput_table(kernels, steps, repeats, names) -> str:
   available = [n for n in names if installed(n)]
   rows = ['| k | ' + ' | '.join(names) + ' | fastest peer | flax_mnist / fastest peer |',
           '|---' * (len(names) + 3) + '|']
@@ -175,6 +162,8 @@ def main() -> None:
   parser.add_argument('--kernels', default='3,5', help='kernel sizes to measure (3, 5)')
   parser.add_argument('--steps', type=int, default=10, help='train steps per timed run')
   parser.add_argument('--repeats', type=int, default=5, help='timed runs per system')
+  parser.add_argument('--systems', default=','.join(peers.SYSTEMS),
+                      help='systems to compare (default: all)')
   parser.add_argument('--end_to_end', action='store_true',
                       help='also time the full 20-epoch base job against the seed Keras code')
   parser.add_argument('--idx_dir', default=str(ROOT.parent / 'shared' / 'data' / 'mnist'),
@@ -182,11 +171,16 @@ def main() -> None:
   parser.add_argument('--e2e_workdir', default='',
                       help='keep the end-to-end flax_mnist run here (default: a temp dir)')
   parser.add_argument('--markdown', default='', help='append the report to this file')
+  parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--worker_config', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    print(f'RATE {time_one_block(args.worker, args.worker_config, args.steps)}', flush=True)
+    return
   report = header(sys.argv[1:]) + '\nTrain-step throughput, samples/s (median of '
   report += f'{args.repeats} runs of {args.steps} steps, batch 500, float32):\n\n'
   report += throughput_table([int(k) for k in args.kernels.split(',')], args.steps,
-                             args.repeats) + '\n'
+                             args.repeats, args.systems.split(',')) + '\n'
   if args.end_to_end:
     report += '\nWhole job, base config (20 epochs, validation after each):\n\n'
     report += end_to_end_table(args.idx_dir, args.e2e_workdir) + '\n'
