@@ -120,3 +120,21 @@ def test_divergence_stops_without_saving_non_finite_weights(prepared_data_dir, t
     train.train_and_evaluate(config, workdir)
   with checkpointing.open_checkpoints(workdir) as checkpoints:
     assert checkpoints.steps() == [5]
+
+
+def test_failed_save_is_raised_and_older_checkpoints_stay(prepared_data_dir, tmp_path,
+                                                          monkeypatch):
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), workdir)
+  real_save = checkpointing.ocp.args.StandardSave
+
+  class Unsaveable:  # No orbax type handler exists for this leaf.
+    pass
+  monkeypatch.setattr(checkpointing.ocp.args, 'StandardSave',
+                      lambda state: real_save({'state': state, 'bad': Unsaveable()}))
+  with pytest.raises((ValueError, TypeError)) as raised:
+    train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), workdir)
+  assert 'Unsaveable' in str(raised.value) or 'type' in str(raised.value).lower()
+  monkeypatch.undo()
+  with checkpointing.open_checkpoints(workdir) as checkpoints:
+    assert checkpoints.steps() == [5]
