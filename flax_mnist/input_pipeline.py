@@ -130,11 +130,11 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
-                  first_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (images, labels) training batches of `epoch`, starting at batch `first_step`."""
+def train_batches(split: Split, batch_size: int, seed: int,
+                  epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields the (images, labels) training batches of `epoch`."""
   order = epoch_order(len(split), seed, epoch)
-  for step in range(first_step, steps_per_epoch(len(split), batch_size)):
+  for step in range(steps_per_epoch(len(split), batch_size)):
     rows = order[step * batch_size:(step + 1) * batch_size]
     yield split.images[rows], split.labels[rows]
 

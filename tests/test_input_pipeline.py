@@ -79,14 +79,12 @@ def _split(n):
                               labels=np.arange(n, dtype=np.int32))
 
 
-def test_train_batches_drop_the_partial_batch_and_resume_mid_epoch():
+def test_train_batches_drop_the_partial_batch():
   split = _split(1050)
   batches = list(input_pipeline.train_batches(split, 100, seed=0, epoch=1))
   assert len(batches) == 10 and all(b[0].shape == (100, 28, 28, 1) for b in batches)
   labels = np.concatenate([b[1] for b in batches])
   assert len(set(labels.tolist())) == 1000
-  tail = list(input_pipeline.train_batches(split, 100, seed=0, epoch=1, first_step=7))
-  np.testing.assert_array_equal(tail[0][1], batches[7][1])
 
 
 def test_eval_batches_cover_every_example_once():
