@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   # another, so activations stay in the CPU's cache. 0 = auto (on CPU with im2col: cache-sized,
   # 10 per device for k=3, 5 for k=5; the whole batch elsewhere). Changes speed, not the maths.
   config.micro_batch_size = 0
+  # 'float32', or 'bfloat16': mixed precision, convolutions and dense layers computed in
+  # bfloat16 while parameters, optimizer state, softmax and loss stay float32.
+  config.dtype = 'float32'
 
   # Optimiser: Keras' Adam defaults.
   config.learning_rate = 1e-3
@@ -42,9 +45,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 20
   config.seed = 42
   config.progress_bar = True  # Only drawn when stdout is a terminal.
+  # TensorBoard (WORKDIR/tensorboard) gets every epoch's metrics, and the training loss and
+  # accuracy of every N-th step; 0 logs epochs only.
+  config.log_every_steps = 10
   # Keep the training split on the devices and run each epoch as one lax.scan: 'on', 'off',
   # or 'auto' (on for GPU/TPU with one process, off on CPU, where a step dwarfs a round trip).
   config.device_data = 'auto'
+
+  # Several processes (multi-host): 'on' calls jax.distributed.initialize, 'off' never, 'auto'
+  # when coordinator_address is set or the environment announces a multi-process job (e.g.
+  # JAX_COORDINATOR_ADDRESS). Empty / 0 / -1 below: let JAX detect them (TPU pods, Slurm, MPI).
+  config.distributed = 'auto'
+  config.coordinator_address = ''  # HOST:PORT of process 0.
+  config.num_processes = 0
+  config.process_id = -1
 
   # Checkpoints (WORKDIR/checkpoints, saved after every epoch) and starting weights.
   config.keep_checkpoints = 3  # The newest N are kept, plus the best by val_accuracy.

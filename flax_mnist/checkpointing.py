@@ -4,10 +4,18 @@ Each checkpoint (keyed by the global train step) holds two items: `state` (param
 state, step, rng key) and `meta` (epoch, the config that made it, the epoch's metrics). Restore
 builds its target from the *current* config and device mesh, never from the saved shardings, so
 a checkpoint written on 8 devices (or a TPU) loads on 1 CPU and the reverse.
+
+Faults: orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp` and renames it when
+complete, so a kill leaves at most such a folder, removed on the next open. A checkpoint that
+no longer reads back (truncated, partly deleted) is moved to `checkpoints_unreadable/` and
+training resumes from the newest one that does. A failed write is one CheckpointWriteError.
 """
 
 import contextlib
+import logging
 import pathlib
+import shutil
+import sys
 from collections.abc import Iterator
 
 import jax
@@ -20,15 +28,48 @@ from flax_mnist.errors import FlaxMnistError
 # not change the model or what training computes. Every other field must match.
 MAY_DIFFER = frozenset({'num_epochs', 'data_dir', 'idx_dir', 'progress_bar', 'eval_batch_size',
                         'eval_split', 'conv_impl', 'micro_batch_size', 'keep_checkpoints',
-                        'init_from', 'device_data'})
+                        'init_from', 'device_data', 'log_every_steps', 'distributed',
+                        'coordinator_address', 'num_processes', 'process_id'})
 
 
 class CheckpointError(FlaxMnistError):
   """A checkpoint that cannot be used with the current config."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint whose files cannot be read back (truncated, partly deleted, corrupt)."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint that could not be written (disk full, no permission, not a folder)."""
+
+
+def _summary(error: BaseException) -> str:
+  line = (str(error).strip().splitlines() or [''])[0]
+  if len(line) > 240:  # TensorStore puts the path first and the OS's reason last.
+    line = f'{line[:100]} ... {line[-130:]}'
+  return f'{type(error).__name__}: {line}'
+
+
+class _WithoutOrbaxLogs(logging.Filter):
+  """Drops orbax's own log records: it logs a failed write several times, with tracebacks of its
+  threads, where the user needs the one CheckpointWriteError line this module raises."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return '/orbax/' not in record.pathname.replace('\\', '/')
+
+
+def _warn(text: str) -> None:
+  print(f'warning: {text}', file=sys.stderr, flush=True)
+
+
+# Fields added since checkpoints were first written, with the value older checkpoints imply.
+_ADDED_FIELDS = {'dtype': 'float32'}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """'field: saved -> current' for every field (outside MAY_DIFFER) whose values differ."""
+  saved = {**_ADDED_FIELDS, **saved}
   names = sorted((set(saved) | set(current)) - MAY_DIFFER)
   return [f'{n}: {saved.get(n, "(absent)")!r} -> {current.get(n, "(absent)")!r}'
           for n in names if saved.get(n) != current.get(n)]
@@ -68,11 +109,31 @@ class Checkpoints:
                             f'available: {", ".join(map(str, self.steps()))}, latest, best.')
     return int(requested)
 
-  def save(self, step: int, state, meta: dict, val_accuracy: float) -> None:
-    """Starts an async save of `state` and `meta`; orbax commits it atomically when done."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics={'val_accuracy': float(val_accuracy)})
+  def save(self, step: int, state, meta: dict, val_accuracy: float | None) -> None:
+    """Starts an async save of `state` and `meta`; orbax commits it atomically when done.
+
+    `val_accuracy` None (a mid-epoch checkpoint) keeps it out of the best-checkpoint choice. A
+    failure of this save or of the previous one raises CheckpointWriteError.
+    """
+    metrics = None if val_accuracy is None else {'val_accuracy': float(val_accuracy)}
+    with self.write_errors():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+  @contextlib.contextmanager
+  def write_errors(self) -> Iterator[None]:
+    """Turns a failed checkpoint write (I/O errors surface as OSError or, from TensorStore,
+    ValueError) into one CheckpointWriteError naming the folder and what is still intact."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      with contextlib.suppress(Exception):  # Best effort: the folder itself may be the fault.
+        self.manager.reload()
+      kept = self.latest_step()
+      raise CheckpointWriteError(
+          f'could not write a checkpoint to {self.directory} ({_summary(e)}); '
+          + (f'checkpoint step {kept} is intact' if kept else 'no earlier checkpoint exists')
+          + '. Free disk space or fix the folder, then run the same command again.') from e
 
   def read_meta(self, step: int) -> dict:
     """The epoch, config and metrics stored with checkpoint `step`."""
@@ -85,7 +146,10 @@ class Checkpoints:
     Fails with CheckpointError naming the differing fields when `config` is incompatible with
     the config that wrote the checkpoint.
     """
-    meta = self.read_meta(step)
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # Whatever orbax, JSON or TensorStore raise on damaged files.
+      raise self._unreadable(step, e) from e
     differences = config_differences(meta.get('config', {}), config)
     if differences:
       raise CheckpointError(
@@ -93,9 +157,69 @@ class Checkpoints:
           'use another --workdir, or the same config as the checkpoint.')
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:
+      raise self._unreadable(step, e) from e
     return restored.state, meta
+
+  def _unreadable(self, step: int, error: Exception) -> UnreadableCheckpoint:
+    others = ', '.join(str(s) for s in self.steps() if s != step) or 'none'
+    return UnreadableCheckpoint(
+        f'checkpoint step {step} in {self.directory} cannot be read ({_summary(error)}); it is '
+        f'damaged. Other checkpoints: {others} (pass --step=N).')
+
+  def restore_newest_readable(self, target, config: dict):
+    """Restores the newest checkpoint that reads back; returns (state, meta).
+
+    Newer unreadable ones are moved to checkpoints_unreadable/ with a warning, so training
+    goes on from the newest good one. When none reads back, nothing is moved: the error is
+    raised (a systematic cause, such as a changed model, is likelier than all being damaged).
+    """
+    bad = []
+    for step in reversed(self.steps()):
+      try:
+        restored = self.restore(step, target, config)
+      except UnreadableCheckpoint as e:
+        bad.append((step, e))
+        continue
+      for bad_step, error in bad:
+        moved = self._set_aside(bad_step)
+        _warn(f'checkpoint step {bad_step} cannot be read ({_summary(error.__cause__)}); '
+              f'moved it to {moved} and resuming from step {step}.')
+      self.manager.reload()
+      return restored
+    raise bad[0][1]
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    target = self.directory.parent / 'checkpoints_unreadable' / str(step)
+    suffix = 0
+    while target.exists():
+      suffix += 1
+      target = target.with_name(f'{step}.{suffix}')
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(self.directory / str(step), target)
+    return target
+
+
+def _remove_incomplete(directory: pathlib.Path) -> None:
+  """Deletes the temporary folders of saves that a kill cut short (never complete checkpoints)."""
+  if not directory.is_dir() or jax.process_index():
+    return
+  for path in sorted(directory.glob(f'*{ocp.utils.TMP_DIR_SUFFIX}*')):
+    shutil.rmtree(path)
+    _warn(f'removed {path.name}, a checkpoint whose writing was cut short (no loss: the last '
+          'complete checkpoint is used).')
+
+
+def _make_folder(directory: pathlib.Path) -> None:
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise CheckpointWriteError(f'cannot use {directory} as the checkpoint folder '
+                               f'({e.strerror or type(e).__name__}); remove what is in the way or '
+                               'pass another --workdir.') from None
 
 
 @contextlib.contextmanager
@@ -105,18 +229,28 @@ def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Che
   On every exit path it waits for pending async saves (re-raising a failed one) and closes.
   """
   directory = pathlib.Path(workdir).resolve() / 'checkpoints'
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _WithoutOrbaxLogs) for f in absl_logger.filters):
+    absl_logger.addFilter(_WithoutOrbaxLogs())
+  _make_folder(directory)
+  _remove_incomplete(directory)  # Here, not in orbax's background thread: done before use.
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=keep),
-      policies.BestN(get_metric_fn=lambda metrics: metrics['val_accuracy'], n=1),
+      policies.BestN(get_metric_fn=lambda metrics: metrics['val_accuracy'], n=1,
+                     keep_checkpoints_without_metrics=False),
   ])
+  # best_fn makes orbax write each checkpoint's metrics to disk (with a preservation_policy
+  # alone it keeps them in memory only, so a resumed run forgot which checkpoint was best).
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                          enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=True)
+                                         best_fn=lambda metrics: metrics['val_accuracy'])
   manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+  checkpoints = Checkpoints(manager, directory)
   try:
-    yield Checkpoints(manager, directory)
+    yield checkpoints
   finally:
     try:
-      manager.wait_until_finished()
+      with checkpoints.write_errors():
+        manager.wait_until_finished()
     finally:
       manager.close()

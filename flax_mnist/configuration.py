@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from flax_mnist import conv
+from flax_mnist import conv, distributed
 from flax_mnist.errors import ConfigError
 
 IMAGE_SIDE = 28
@@ -25,6 +25,7 @@ _SCHEMA = {
     'conv_impl': (str, lambda v: v in conv.IMPLEMENTATIONS,
                   f'one of {", ".join(conv.IMPLEMENTATIONS)}'),
     'micro_batch_size': (int, lambda v: v >= 0, '0 (auto) or a positive integer'),
+    'dtype': (str, lambda v: v in ('float32', 'bfloat16'), 'float32 or bfloat16'),
     'learning_rate': (float, lambda v: v > 0, 'a positive number'),
     'adam_b1': (float, lambda v: 0 <= v < 1, 'in [0, 1)'),
     'adam_b2': (float, lambda v: 0 <= v < 1, 'in [0, 1)'),
@@ -34,7 +35,14 @@ _SCHEMA = {
     'num_epochs': (int, lambda v: v > 0, 'a positive integer'),
     'seed': (int, lambda v: v >= 0, 'a non-negative integer'),
     'progress_bar': (bool, None, 'True or False'),
+    'log_every_steps': (int, lambda v: v >= 0, '0 (off) or a positive number of steps'),
     'device_data': (str, lambda v: v in ('auto', 'on', 'off'), 'one of auto, on, off'),
+    'distributed': (str, lambda v: v in distributed.MODES,
+                    f'one of {", ".join(distributed.MODES)}'),
+    'coordinator_address': (str, lambda v: not v or v.rpartition(':')[2].isdigit(),
+                            "empty or HOST:PORT, e.g. '10.0.0.2:1234'"),
+    'num_processes': (int, lambda v: v >= 0, '0 (detect) or a positive integer'),
+    'process_id': (int, lambda v: v >= -1, '-1 (detect) or a process index from 0'),
     'keep_checkpoints': (int, lambda v: v > 0, 'a positive integer'),
     'init_from': (str, lambda v: not v or v.endswith(('.h5', '.hdf5')),
                   'empty or the path of a Keras .h5/.hdf5 file'),
@@ -67,6 +75,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     if config[name] % device_count:
       raise ConfigError(f'config.{name}={config[name]} is not divisible by the {device_count} '
                         f'devices; use a multiple of {device_count}.')
+  if config.num_processes and config.process_id >= config.num_processes:
+    raise ConfigError(f'config.process_id={config.process_id} must be below '
+                      f'config.num_processes={config.num_processes}; number processes from 0.')
   micro = config.micro_batch_size
   if micro and (config.batch_size % micro or config.eval_batch_size % micro):
     raise ConfigError(f'config.micro_batch_size={micro} must divide batch_size='

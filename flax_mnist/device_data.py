@@ -6,7 +6,6 @@ so both paths train on the same batches and give the same numbers.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flax_mnist import input_pipeline, parallel
@@ -33,7 +32,8 @@ def epoch_rows(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.
 
 
 def make_train_epoch(graphdef, tx, mesh, config):
-  """jit(state, images, labels, rows) -> (state, summed metrics): one epoch as a lax.scan."""
+  """jit(state, images, labels, rows) -> (state, (summed metrics, per-step metrics)): one epoch
+  as a lax.scan. Per-step metrics are stacked (steps,) arrays, for logging every N steps."""
   num_micro, _ = ts.micro_batch_counts(config, mesh.size)
   rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
@@ -43,15 +43,23 @@ def make_train_epoch(graphdef, tx, mesh, config):
       y = jax.lax.with_sharding_constraint(labels[batch_rows], data)
       return ts.train_step(graphdef, tx, num_micro, state, x, y)
     state, metrics = jax.lax.scan(body, state, rows)
-    return state, jax.tree.map(lambda m: m.sum(0), metrics)
+    return state, (jax.tree.map(lambda m: m.sum(0), metrics), metrics)
   return jax.jit(epoch, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep),
                  donate_argnums=0)
 
 
-def train_epoch(train_epoch_fn, state, device_split, num_examples, config, epoch):
-  """Runs epoch `epoch` on the device; returns (state, (loss, accuracy))."""
+def train_epoch(train_epoch_fn, state, device_split, num_examples, config, epoch,
+                step_log=None):
+  """Runs epoch `epoch` on the device; returns (state, (loss, accuracy)).
+
+  `step_log` (a metric_writers.StepLog) gets the per-step metrics, read with the sums: one
+  host transfer per epoch.
+  """
   rows = epoch_rows(num_examples, config.batch_size, config.seed, epoch)
-  state, sums = train_epoch_fn(state, *device_split, jnp.asarray(rows))
-  sums = jax.device_get(sums)
+  rows = jax.device_put(rows, device_split[0].sharding)  # Replicated, on every process.
+  state, (sums, per_step) = train_epoch_fn(state, *device_split, rows)
+  sums, per_step = jax.device_get((sums, per_step))
+  if step_log is not None:
+    step_log.record_all(per_step)
   count = float(sums['count'])
   return state, (float(sums['loss_sum']) / count, float(sums['correct']) / count)

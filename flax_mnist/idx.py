@@ -5,6 +5,7 @@ then the data. Images are 3-d (count, rows, cols); labels are 1-d (count,).
 """
 
 import gzip
+import math
 import pathlib
 import zlib
 
@@ -59,7 +60,7 @@ def read_idx(path: str | pathlib.Path, ndim: int) -> np.ndarray:
   if len(data) < header:
     raise DataError(f'{path}: truncated header ({len(data)} bytes); re-download the file.')
   shape = tuple(int(d) for d in np.frombuffer(data, '>u4', count=ndim, offset=4))
-  expected = int(np.prod(shape))
+  expected = math.prod(shape)  # Python ints: no overflow for sizes from a corrupt header.
   if len(data) - header != expected:
     raise DataError(f'{path}: header promises {expected} bytes of data for shape {shape}, file '
                     f'has {len(data) - header}; the file is truncated or corrupt.')

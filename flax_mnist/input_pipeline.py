@@ -130,23 +130,30 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def train_batches(split: Split, batch_size: int, seed: int,
-                  epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields the (images, labels) training batches of `epoch`."""
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
+                  rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields the (images, labels) training batches of `epoch`: rows `rows` of each global batch
+  of `batch_size` (default: all; a process of a multi-process run reads only its own rows)."""
   order = epoch_order(len(split), seed, epoch)
   for step in range(steps_per_epoch(len(split), batch_size)):
-    rows = order[step * batch_size:(step + 1) * batch_size]
-    yield split.images[rows], split.labels[rows]
+    batch = order[step * batch_size:(step + 1) * batch_size]
+    batch = batch if rows is None else batch[rows]
+    yield split.images[batch], split.labels[batch]
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray,
-                                                                  np.ndarray]]:
-  """Yields (images, labels, mask) covering every example once; the last batch is padded."""
+def eval_batches(split: Split, batch_size: int, rows: np.ndarray | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Yields (images, labels, mask) covering every example once; the last batch is padded.
+
+  Only rows `rows` (sorted) of each global batch are read, as in train_batches.
+  """
   for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
+    batch = np.arange(start, start + batch_size)
+    batch = batch if rows is None else batch[rows]
+    pad = int((batch >= len(split)).sum())  # Padding rows come last, in order.
+    batch = batch[:len(batch) - pad]
+    images, labels = split.images[batch], split.labels[batch]
     mask = np.ones(len(labels), np.float32)
-    pad = batch_size - len(labels)
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
       labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])

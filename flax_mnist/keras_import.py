@@ -21,13 +21,21 @@ class KerasImportError(FlaxMnistError):
 def _attr_strings(group, name: str) -> list[str]:
   # Keras splits long lists over `name0`, `name1`, ... attributes.
   if name in group.attrs:
-    values = list(group.attrs[name])
+    values = _strings(group, name)
   else:
     values, i = [], 0
     while f'{name}{i}' in group.attrs:
-      values += list(group.attrs[f'{name}{i}'])
+      values += _strings(group, f'{name}{i}')
       i += 1
-  return [v.decode('utf8') if isinstance(v, bytes) else str(v) for v in values]
+  return values
+
+
+def _strings(group, name: str) -> list[str]:
+  values = np.atleast_1d(group.attrs[name]).tolist()
+  if not all(isinstance(v, (str, bytes)) for v in values) or np.ndim(values) != 1:
+    raise KerasImportError(f'{group.file.filename}: attribute {group.name}:{name} is not a list '
+                           'of names; not a Keras weights file.')
+  return [v.decode('utf8', 'replace') if isinstance(v, bytes) else v for v in values]
 
 
 def _hard_child(group, path: str, where: pathlib.Path):
@@ -75,8 +83,13 @@ def load_weights(model, path: str | pathlib.Path) -> None:
   A different architecture fails naming the first mismatching layer and its shapes.
   """
   path = pathlib.Path(path)
-  with open_h5(path) as f:
-    values = _checked_values(model, read_layers(f, path), path)
+  try:
+    with open_h5(path) as f:
+      values = _checked_values(model, read_layers(f, path), path)
+  except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # Damaged HDF5 inside.
+    detail = (str(e).strip().splitlines() or [''])[0][:120]
+    raise KerasImportError(f'{path} is damaged or not a Keras HDF5 file ({type(e).__name__}: '
+                           f'{detail}); export it again.') from None
   for layer, (kernel, bias) in values:  # Only after every layer checked out.
     layer.kernel[...] = kernel
     layer.bias[...] = bias

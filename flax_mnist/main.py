@@ -17,10 +17,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     '--config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where metrics.jsonl and checkpoints go. Default: workdir/<config name>.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict'],
-                          'train (resumes from the newest checkpoint), eval, export or predict.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict', 'report'],
+                          'train (resumes from the newest checkpoint), eval, export, predict or '
+                          'report (the plots in WORKDIR/plots).')
 _STEP = flags.DEFINE_string('step', 'latest',
-                            'Checkpoint for eval/export/predict: latest, best or a step number.')
+                            'Checkpoint for eval/export/predict/report: latest, best or a step '
+                            'number.')
 _OUTPUT = flags.DEFINE_string('output', '', 'export: .h5 path (default WORKDIR/keras_cnn.h5).')
 _IMAGES = flags.DEFINE_string('images', '', 'predict: image files, PATH[,PATH...] or a GLOB.')
 _INVERT = flags.DEFINE_bool('invert', False, 'predict: images are dark digits on light paper.')
@@ -60,20 +62,23 @@ def _config_argument(argv: list[str]) -> str:
   return '?'
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def run_mode(config, workdir: str) -> int:
   """Runs --mode; returns the process exit code."""
-  from flax_mnist import modes, train
+  from flax_mnist import modes, preflight, train
+  preflight.check(config, _MODE.value, workdir)  # Before anything is written.
   if _MODE.value == 'train':
     train.train_and_evaluate(config, workdir)
   elif _MODE.value == 'eval':
     modes.run_eval(config, workdir, _STEP.value)
   elif _MODE.value == 'export':
     modes.run_export(config, workdir, _STEP.value, _OUTPUT.value)
+  elif _MODE.value == 'report':
+    modes.run_report(config, workdir, _STEP.value)
   else:
     return 1 if modes.run_predict(config, workdir, _STEP.value, _IMAGES.value,
                                   _INVERT.value) else 0
@@ -88,10 +93,16 @@ def main(argv) -> None:
   config = _CONFIG.value
   import jax  # After flag parsing, so --help is instant.
   try:
+    configuration.validate(config)  # Fields first: distributed start-up reads some of them.
+    from flax_mnist import distributed
+    distributed.initialize(config)  # Before any other JAX call.
     configuration.validate(config, jax.device_count())
     sys.exit(run_mode(config, _WORKDIR.value or default_workdir()))
   except FlaxMnistError as e:
-    _fail(str(e))
+    _fail(str(e), getattr(e, 'exit_code', 2))
+  except KeyboardInterrupt:  # A second Ctrl-C in training, or one outside it.
+    _fail('interrupted; checkpoints already written are intact. Run the same command again to '
+          'resume from the newest.', 130)
 
 
 if __name__ == '__main__':

@@ -42,7 +42,9 @@ class CNN(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     k = (config.kernel_size, config.kernel_size)
     conv_fn = conv.conv_function(config.conv_impl)
-    common = dict(kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, rngs=rngs)
+    # Mixed precision (config.dtype bfloat16): layers compute in `dtype`, params stay float32.
+    common = dict(kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, rngs=rngs,
+                  dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32)
     self.conv1 = nnx.Conv(1, config.conv1_features, k, padding='VALID',
                           conv_general_dilated=conv_fn, **common)
     self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, k, padding='VALID',
@@ -56,7 +58,7 @@ class CNN(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False,
                dropout_keys: jax.Array | None = None) -> jax.Array:
-    """Maps images in [0, 1], (N, 784) or (N, 28, 28, 1), to logits (N, num_classes).
+    """Maps images in [0, 1], (N, 784) or (N, 28, 28, 1), to float32 logits (N, num_classes).
 
     Dropout is applied only when `train` is True, example i drawing from `dropout_keys[i]`.
     """
@@ -70,7 +72,7 @@ class CNN(nnx.Module):
     x = nnx.relu(self.dense1(x))
     if train:
       x = dropout(x, self.dense_dropout, dropout_keys, layer=1)
-    return self.dense2(x)
+    return self.dense2(x).astype(jnp.float32)  # Softmax and loss in float32.
 
 
 def layer_table(config) -> list[tuple[str, str, tuple, int]]:

@@ -1,12 +1,13 @@
-"""The non-training modes: eval, export and predict, each from a restored checkpoint."""
+"""The non-training modes: eval, export, predict and report, each from a restored checkpoint."""
 
 import json
 import pathlib
 
 import jax
 
-from flax_mnist import checkpointing, input_pipeline, keras_export, parallel, predict
-from flax_mnist import train
+from flax_mnist import checkpointing, distributed, input_pipeline, keras_export, parallel
+from flax_mnist import predict
+from flax_mnist import report, reporting, train
 from flax_mnist import train_step as ts
 
 
@@ -46,9 +47,10 @@ def run_eval(config, workdir: str, step: str) -> dict:
              split=config.eval_split, val_loss=val_loss, val_accuracy=val_accuracy)
   train.say(f'Eval of {_describe(state, meta)} on {len(split)} {config.eval_split} samples - '
             f'val_loss: {val_loss:.4f} - val_accuracy: {val_accuracy:.4f}')
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with open(pathlib.Path(workdir) / 'eval.jsonl', 'a') as f:
-    f.write(json.dumps(row) + '\n')
+  if distributed.is_main():
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with open(pathlib.Path(workdir) / 'eval.jsonl', 'a') as f:
+      f.write(json.dumps(row) + '\n')
   return row
 
 
@@ -56,7 +58,8 @@ def run_export(config, workdir: str, step: str, output: str) -> pathlib.Path:
   """Writes checkpoint `step` as a Keras .h5 (default WORKDIR/keras_cnn.h5)."""
   graphdef, state, meta = restore(config, workdir, step)
   path = pathlib.Path(output) if output else pathlib.Path(workdir) / train.EXPORT_NAME
-  keras_export.export_h5(train.nnx_model(graphdef, state), config, path)
+  if distributed.is_main():
+    keras_export.export_h5(train.nnx_model(graphdef, state), config, path)
   train.say(f'Exported {_describe(state, meta)} to {path}')
   return path
 
@@ -66,5 +69,19 @@ def run_predict(config, workdir: str, step: str, images: str, invert: bool) -> i
   paths = predict.expand_paths(images)
   if not paths:
     raise predict.ImageError('--images names no files; pass PATH[,PATH...] or a quoted GLOB.')
+  predict.check_any_readable(paths, invert)  # Before the checkpoint is read.
   graphdef, state, _ = restore(config, workdir, step)
   return predict.classify_files(train.nnx_model(graphdef, state), paths, invert, train.say)
+
+
+def run_report(config, workdir: str, step: str) -> list[pathlib.Path]:
+  """Redraws WORKDIR/plots from checkpoint `step` (confusion matrix, errors on
+  config.eval_split) and metrics.jsonl (curves; the checkpoint's own history if it is empty)."""
+  graphdef, state, meta = restore(config, workdir, step)
+  history = reporting.read_metrics(pathlib.Path(workdir) / 'metrics.jsonl')
+  if not history and meta:
+    history = meta['history']
+  split = input_pipeline.load_split(config, config.eval_split)
+  train.say(f'Report of {_describe(state, meta)} on {len(split)} {config.eval_split} samples')
+  return report.write_report(graphdef, state.params, parallel.make_mesh(), config, split,
+                             history, workdir, meta['epoch'] if meta else None, say=train.say)

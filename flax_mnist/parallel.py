@@ -24,7 +24,19 @@ def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def process_rows(mesh, batch_size: int) -> np.ndarray:
+  """Indices of the rows of a global batch that this process's devices hold, in order.
+
+  All of them with one process; with several, each process reads and feeds only these rows, so
+  training is the same as one process with the same devices.
+  """
+  held = batch_sharded(mesh).addressable_devices_indices_map((batch_size,)).values()
+  ranges = sorted({index[0].indices(batch_size)[:2] for index in held})
+  return np.concatenate([np.arange(start, stop) for start, stop in ranges])
+
+
 def put_batch(mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-  """Places host batches on the devices, split along the batch axis."""
+  """Builds global batches, split along the batch axis, from this process's rows of them
+  (`process_rows`; with one process, the whole batch)."""
   sharding = batch_sharded(mesh)
-  return tuple(jax.device_put(a, sharding) for a in arrays)
+  return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)

@@ -44,6 +44,19 @@ def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
   return 1.0 - pixels if invert else pixels
 
 
+def check_any_readable(paths: list[pathlib.Path], invert: bool = False) -> None:
+  """Raises ImageError naming the first file unless at least one of `paths` is an image."""
+  errors = []
+  for path in paths:
+    try:
+      load_image(path, invert)
+      return
+    except ImageError as e:
+      errors.append(e)
+  more = f' ({len(errors) - 1} more files are not images either)' if len(errors) > 1 else ''
+  raise ImageError(f'{errors[0]}{more}')
+
+
 def classify(model, images: np.ndarray) -> np.ndarray:
   """Class probabilities (N, classes) for (N, 28, 28) images in [0, 1]."""
   return np.asarray(jax.nn.softmax(model(images.reshape(len(images), -1))))

@@ -132,7 +132,7 @@ def test_failed_save_is_raised_and_older_checkpoints_stay(prepared_data_dir, tmp
     pass
   monkeypatch.setattr(checkpointing.ocp.args, 'StandardSave',
                       lambda state: real_save({'state': state, 'bad': Unsaveable()}))
-  with pytest.raises((ValueError, TypeError)) as raised:
+  with pytest.raises((checkpointing.CheckpointWriteError, TypeError)) as raised:
     train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), workdir)
   assert 'Unsaveable' in str(raised.value) or 'type' in str(raised.value).lower()
   monkeypatch.undo()

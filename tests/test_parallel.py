@@ -32,8 +32,11 @@ def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
     count, rows = _rows(run_python(code, devices))
     assert count == devices
     runs[devices] = rows
+  keys = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
+  print('8 devices vs 1:', [{k: (eight[k], one[k]) for k in keys}
+                            for one, eight in zip(runs[1], runs[8])])
   for one, eight in zip(runs[1], runs[8]):
-    for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+    for key in keys:
       np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
 
 

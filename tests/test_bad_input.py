@@ -1,0 +1,110 @@
+"""Bad input on the command line: each fails before any work with one `error:` line, exit 2,
+and writes nothing (no workdir, no prepared dataset)."""
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+
+def _run(tmp_path, *flags, mode='train'):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  command = [sys.executable, '-m', 'flax_mnist.main', '--config', 'configs/base.py',
+             f'--workdir={tmp_path / "w"}', f'--mode={mode}', *flags]
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_and_nothing_written(result, tmp_path, *expected):
+  assert result.returncode == 2, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0]
+  assert 'Traceback' not in result.stderr
+  for text in expected:
+    assert text in errors[0], errors[0]
+  assert not (tmp_path / 'w').exists()
+  assert not (tmp_path / 'tfds').exists() or not any((tmp_path / 'tfds').iterdir())
+
+
+def _malformed_idx(tmp_path, mnist_dir):
+  folder = tmp_path / 'idx'
+  shutil.copytree(mnist_dir, folder)
+  labels = folder / 't10k-labels-idx1-ubyte.gz'
+  data = gzip.decompress(labels.read_bytes())
+  labels.write_bytes(gzip.compress(data[:-100]))  # Truncated: 100 labels short.
+  return folder
+
+
+def _not_hdf5(tmp_path):
+  path = tmp_path / 'weights.h5'
+  path.write_text('not an HDF5 file')
+  return path
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--config.batch_size=0'], ['config.batch_size=0 is invalid: must be a positive integer']),
+    (['--config.num_epochs=-2'], ['config.num_epochs=-2 is invalid']),
+    (['--config.conv1_features=0'], ['config.conv1_features=0 is invalid']),
+    (['--config.kernel_size=15'], ['config.kernel_size=15 is invalid: must be between 1 and 14']),
+    (['--config.learnig_rate=0.1'], ['unknown config field', 'learnig_rate']),
+    (['--config.dataset=mnits'], ["config.dataset='mnits' is not a tfds dataset"]),
+    (['--config.dataset=cifar10'], ["config.dataset='cifar10' has images of shape (32, 32, 3)",
+                                    'needs 28x28x1 images and 10 classes']),
+    (['--config.dataset=emnist'], ['62 label classes']),
+], ids=['batch_size', 'num_epochs', 'features', 'kernel', 'mistyped', 'unknown_dataset',
+        'not_28x28x1', 'not_10_classes'])
+def test_bad_config(tmp_path, flags, expected):
+  result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}', *flags)
+  _assert_one_line_and_nothing_written(result, tmp_path, *expected)
+
+
+def test_malformed_idx_files(tmp_path, mnist_dir):
+  folder = _malformed_idx(tmp_path, mnist_dir)
+  result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}',
+                f'--config.idx_dir={folder}')
+  _assert_one_line_and_nothing_written(result, tmp_path, 't10k-labels-idx1-ubyte.gz: header '
+                                       'promises 10000 bytes', 'truncated or corrupt')
+
+
+def test_bad_split(tmp_path, prepared_data_dir):
+  result = _run(tmp_path, f'--config.data_dir={prepared_data_dir}', '--config.eval_split=tset')
+  _assert_one_line_and_nothing_written(result, tmp_path, "config.eval_split='tset'",
+                                       "Unknown split 'tset'")
+
+
+def test_init_from_not_hdf5(tmp_path, prepared_data_dir):
+  result = _run(tmp_path, f'--config.data_dir={prepared_data_dir}',
+                f'--config.init_from={_not_hdf5(tmp_path)}')
+  _assert_one_line_and_nothing_written(result, tmp_path, 'weights.h5 is not an HDF5 file')
+
+
+def test_init_from_another_architecture(tmp_path, prepared_data_dir, trained_workdir):
+  result = _run(tmp_path, f'--config.data_dir={prepared_data_dir}', '--config.kernel_size=5',
+                f'--config.init_from={trained_workdir / "keras_cnn.h5"}')
+  _assert_one_line_and_nothing_written(result, tmp_path, "layer 'conv2d' has weights of shapes "
+                                       '[(3, 3, 1, 32), (32,)]', 'needs [(5, 5, 1, 32), (32,)]')
+
+
+def test_predict_path_that_is_not_an_image(tmp_path, prepared_data_dir, trained_workdir):
+  notes = tmp_path / 'notes.png'
+  notes.write_text('shopping list')
+  Image.new('L', (28, 28)).save(tmp_path / 'unused.png')  # Not named: must not matter.
+  result = _run(tmp_path, f'--config.data_dir={prepared_data_dir}', f'--images={notes}',
+                f'--config.init_from={trained_workdir / "keras_cnn.h5"}', mode='predict')
+  _assert_one_line_and_nothing_written(result, tmp_path, f'{notes}: not a readable image')
+
+
+def test_checkpoint_folder_blocked(tmp_path, prepared_data_dir):
+  (tmp_path / 'w').mkdir()
+  (tmp_path / 'w' / 'checkpoints').write_text('a file where the folder should be')
+  result = _run(tmp_path, f'--config.data_dir={prepared_data_dir}',
+                '--config.train_split=train[:200]', '--config.batch_size=100')
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: cannot use {tmp_path}/w/checkpoints as the checkpoint folder (File exists)')
+  assert sorted(p.name for p in (tmp_path / 'w').iterdir()) == ['checkpoints']

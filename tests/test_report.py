@@ -1,0 +1,67 @@
+"""The report: three PNGs after training, --mode=report, and a confusion matrix that counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO, small_config
+from flax_mnist import input_pipeline, modes, parallel, predict, report, reporting, train
+
+PLOTS = ('curves.png', 'confusion_matrix.png', 'errors.png')
+
+
+def _assert_pngs(folder):
+  for name in PLOTS:
+    path = folder / name
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
+    with Image.open(path) as image:
+      width, height = image.size
+      assert 500 <= width <= 2000 and 400 <= height <= 2000, (name, image.size)
+      assert np.asarray(image.convert('L')).std() > 10, f'{name} looks blank'
+
+
+def test_training_leaves_the_three_plots(trained_workdir):
+  _assert_pngs(trained_workdir / report.PLOTS_DIR)
+
+
+def test_report_mode_regenerates_the_plots(trained_workdir, prepared_data_dir):
+  folder = trained_workdir / report.PLOTS_DIR
+  for name in PLOTS:
+    (folder / name).unlink()
+  small = ['--config.train_split=train[:1000]', '--config.eval_split=test[:600]',
+           '--config.batch_size=200', '--config.eval_batch_size=200']
+  result = subprocess.run(
+      [sys.executable, '-m', 'flax_mnist.main', '--config', 'configs/base.py',
+       f'--workdir={trained_workdir}', f'--config.data_dir={prepared_data_dir}', *small,
+       '--mode=report', '--step=best'], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Wrote curves.png, confusion_matrix.png, errors.png' in result.stdout
+  _assert_pngs(folder)
+
+
+def test_confusion_matrix_counts_the_in_memory_predictions(trained_workdir, prepared_data_dir):
+  config = small_config(prepared_data_dir)
+  graphdef, state, _ = modes.restore(config, str(trained_workdir), 'latest')
+  split = input_pipeline.load_split(config, config.eval_split)
+  probs = report.probabilities(graphdef, state.params, parallel.make_mesh(), split, 200)
+  matrix = report.confusion_counts(split.labels, probs.argmax(-1), config.num_classes)
+  expected = predict.classify(train.nnx_model(graphdef, state), split.images / np.float32(255))
+  np.testing.assert_allclose(probs, expected, atol=1e-5)
+  assert matrix.sum() == len(split) == 600
+  for true, predicted in [(3, 3), (5, 3), (7, 9)]:
+    assert matrix[true, predicted] == np.sum((split.labels == true) &
+                                             (expected.argmax(-1) == predicted))
+  recorded = reporting.read_metrics(trained_workdir / 'metrics.jsonl')[-1]['val_accuracy']
+  np.testing.assert_allclose(np.trace(matrix) / 600, recorded, rtol=1e-6)
+
+
+def test_worst_errors_are_the_least_likely_true_labels():
+  labels = np.array([0, 1, 2, 0])
+  probs = np.array([[.9, .1, 0], [.7, .2, .1], [.2, .75, .05], [.4, .6, 0]])
+  np.testing.assert_array_equal(report.worst_errors(labels, probs), [2, 1, 3])
+  np.testing.assert_array_equal(report.worst_errors(labels, probs, count=1), [2])
