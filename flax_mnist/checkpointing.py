@@ -222,6 +222,10 @@ def _make_folder(directory: pathlib.Path) -> None:
                                'pass another --workdir.') from None
 
 
+def _val_accuracy(metrics: dict) -> float:
+  return metrics['val_accuracy']
+
+
 @contextlib.contextmanager
 def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Checkpoints]:
   """Opens WORKDIR/checkpoints, keeping the newest `keep` checkpoints plus the best one.
@@ -236,14 +240,14 @@ def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Che
   _remove_incomplete(directory)  # Here, not in orbax's background thread: done before use.
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=keep),
-      policies.BestN(get_metric_fn=lambda metrics: metrics['val_accuracy'], n=1,
+      policies.BestN(get_metric_fn=_val_accuracy, n=1,
                      keep_checkpoints_without_metrics=False),
   ])
   # best_fn makes orbax write each checkpoint's metrics to disk (with a preservation_policy
   # alone it keeps them in memory only, so a resumed run forgot which checkpoint was best).
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                          enable_async_checkpointing=True,
-                                         best_fn=lambda metrics: metrics['val_accuracy'])
+                                         best_fn=_val_accuracy)
   manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
   checkpoints = Checkpoints(manager, directory)
   try:
