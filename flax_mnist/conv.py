@@ -4,7 +4,9 @@ XLA's CPU convolution (and its backward pass) is several times slower than a mat
 the same size, so on CPU a 'valid', stride-1 NHWC convolution is computed as im2col: the k*k
 shifted views of the input are concatenated along channels and multiplied by the kernel reshaped
 to (k*k*in, out) in one matmul. Its gradient is again slices, pads and matmuls, which XLA's CPU
-backend runs fast. On GPU/TPU the native convolution is the better choice.
+backend runs fast. On GPU the native (cuDNN) convolution is the better choice, except for a
+1-channel input (the first layer), whose 9-channel im2col matmul beats cuDNN (measured on an H100,
+benchmarks/RESULTS.md); on TPU the native one.
 """
 
 import jax
@@ -38,13 +40,19 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   return out
 
 
-def resolve(conv_impl: str, backend: str | None = None) -> str:
-  """Maps 'auto' to the fastest implementation on `backend` (default: JAX's default backend)."""
+def resolve(conv_impl: str, backend: str | None = None, in_features: int | None = None) -> str:
+  """Maps 'auto' to the fastest implementation on `backend` (default: JAX's default backend)
+  for a layer of `in_features` input channels (None: any layer)."""
   if conv_impl != 'auto':
     return conv_impl
-  return 'im2col' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  backend = backend or jax.default_backend()
+  if backend == 'cpu' or (backend == 'gpu' and in_features == 1):
+    return 'im2col'
+  return 'xla'
 
 
-def conv_function(conv_impl: str):
-  """Returns the conv_general_dilated-compatible function for conv_impl (after resolve)."""
-  return {'im2col': im2col_conv, 'xla': lax.conv_general_dilated}[resolve(conv_impl)]
+def conv_function(conv_impl: str, in_features: int | None = None):
+  """Returns the conv_general_dilated-compatible function for conv_impl (after resolve) for a
+  layer of `in_features` input channels."""
+  return {'im2col': im2col_conv,
+          'xla': lax.conv_general_dilated}[resolve(conv_impl, in_features=in_features)]

@@ -42,7 +42,8 @@ def make_train_epoch(graphdef, tx, mesh, config):
       x = jax.lax.with_sharding_constraint(images[batch_rows], data)
       y = jax.lax.with_sharding_constraint(labels[batch_rows], data)
       return ts.train_step(graphdef, tx, num_micro, state, x, y)
-    state, metrics = jax.lax.scan(body, state, rows)
+    # Two steps per loop iteration: ~4% faster on an H100 (benchmarks/RESULTS.md); same maths.
+    state, metrics = jax.lax.scan(body, state, rows, unroll=2)
     return state, (jax.tree.map(lambda m: m.sum(0), metrics), metrics)
   return jax.jit(epoch, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep),
                  donate_argnums=0)

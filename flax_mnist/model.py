@@ -41,14 +41,15 @@ class CNN(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     k = (config.kernel_size, config.kernel_size)
-    conv_fn = conv.conv_function(config.conv_impl)
     # Mixed precision (config.dtype bfloat16): layers compute in `dtype`, params stay float32.
     common = dict(kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, rngs=rngs,
                   dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32)
     self.conv1 = nnx.Conv(1, config.conv1_features, k, padding='VALID',
-                          conv_general_dilated=conv_fn, **common)
+                          conv_general_dilated=conv.conv_function(config.conv_impl, 1), **common)
     self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, k, padding='VALID',
-                          conv_general_dilated=conv_fn, **common)
+                          conv_general_dilated=conv.conv_function(config.conv_impl,
+                                                                  config.conv1_features),
+                          **common)
     self.conv_dropout = config.conv_dropout
     pooled = (IMAGE_SHAPE[0] - 2 * (config.kernel_size - 1)) // 2
     self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,

@@ -107,6 +107,10 @@ def test_conv_impls_give_the_same_model():
 def test_auto_resolves_per_backend():
   assert conv.resolve('auto', 'cpu') == 'im2col'
   assert conv.resolve('auto', 'gpu') == 'xla' and conv.resolve('auto', 'tpu') == 'xla'
+  # A 1-channel first layer: im2col's 9-channel matmul beats cuDNN on GPU (not known for TPU).
+  assert conv.resolve('auto', 'gpu', in_features=1) == 'im2col'
+  assert conv.resolve('auto', 'gpu', in_features=32) == 'xla'
+  assert conv.resolve('auto', 'tpu', in_features=1) == 'xla'
   assert conv.resolve('xla', 'cpu') == 'xla'
 
 
