@@ -5,6 +5,8 @@ dominate. The batch order is the host path's (seed, epoch) permutation, gathered
 so both paths train on the same batches and give the same numbers.
 """
 
+import functools
+
 import jax
 import numpy as np
 
@@ -49,16 +51,22 @@ def make_train_epoch(graphdef, tx, mesh, config):
                  donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=2)
+def _device_epoch_rows(num_examples, batch_size, seed, epoch, sharding):
+  return jax.device_put(epoch_rows(num_examples, batch_size, seed, epoch), sharding)
+
+
 def train_epoch(train_epoch_fn, state, device_split, num_examples, config, epoch,
                 step_log=None):
   """Runs epoch `epoch` on the device; returns (state, (loss, accuracy)).
 
   `step_log` (a metric_writers.StepLog) gets the per-step metrics, read with the sums: one
-  host transfer per epoch.
+  host transfer per epoch. The next epoch's batch order is computed while this one runs.
   """
-  rows = epoch_rows(num_examples, config.batch_size, config.seed, epoch)
-  rows = jax.device_put(rows, device_split[0].sharding)  # Replicated, on every process.
-  state, (sums, per_step) = train_epoch_fn(state, *device_split, rows)
+  order = functools.partial(_device_epoch_rows, num_examples, config.batch_size, config.seed,
+                            sharding=device_split[0].sharding)  # Replicated, on every process.
+  state, (sums, per_step) = train_epoch_fn(state, *device_split, order(epoch))
+  order(epoch + 1)  # Host work (~3 ms on a fast CPU) hidden behind the device's epoch.
   sums, per_step = jax.device_get((sums, per_step))
   if step_log is not None:
     step_log.record_all(per_step)
