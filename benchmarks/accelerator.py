@@ -12,7 +12,9 @@ the same device, eager and torch.compile, float32 and bfloat16; warm-up excluded
 --repeats epochs.
 
 Where TensorFlow is not installed (bare accelerator images), the splits are read straight from
-the IDX files in --idx_dir: the same arrays the tfds path yields (tests/test_input_pipeline.py).
+the IDX files in --idx_dir, in file order. tfds stores the same examples hash-shuffled, so its
+train[:55000] is another 55,000 of the 60,000 training images; the test split is the same
+10,000 images (tests/test_benchmarks.py). Figures are comparable, not bit-identical.
 """
 
 import argparse
@@ -59,7 +61,8 @@ def read_idx_splits_if_no_tensorflow(idx_dir: str) -> str:
     count = int(match[2]) if match[2] else len(labels)
     return input_pipeline.Split(images[:count, ..., None], labels[:count].astype(np.int32))
   input_pipeline.load_split = load_split
-  return 'IDX files read directly (TensorFlow is not installed here)'
+  return ('IDX files read directly, in file order (TensorFlow is not installed here; '
+          "train[:N] is the file's first N)")
 
 
 def full_run(name: str, idx_dir: str, epochs: int = 0) -> dict:
