@@ -2,25 +2,27 @@
 
 XLA's CPU convolution (and its backward pass) is several times slower than a matrix multiply of
 the same size, so on CPU a 'valid', stride-1 NHWC convolution is computed as im2col: the k*k
-shifted views of the input are concatenated along channels and multiplied by the kernel reshaped
-to (k*k*in, out) in one matmul. Its gradient is again slices, pads and matmuls, which XLA's CPU
-backend runs fast. On GPU the native (cuDNN) convolution is the better choice, except for a
-1-channel input (the first layer), whose 9-channel im2col matmul beats cuDNN (measured on an H100,
+shifted views of the input are gathered along channels and multiplied by the kernel reshaped
+to (k*k*in, out) in one matmul. 'im2col' leaves its gradient to autodiff (slices, pads and
+matmuls). 'im2col_vjp' writes the backward pass out: the kernel gradient is one matmul of the
+saved patches with the output gradient, and the input gradient is XLA's own convolution of the
+padded output gradient with the flipped kernel, which on CPU beats im2col's pads and adds.
+On GPU the native (cuDNN) convolution is the better choice, except for a 1-channel input (the
+first layer), whose 9-channel im2col matmul beats cuDNN (measured on an H100,
 benchmarks/RESULTS.md); on TPU the native one.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ('auto', 'im2col', 'xla')
+IMPLEMENTATIONS = ('auto', 'im2col', 'im2col_vjp', 'xla')
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                dimension_numbers=None, feature_group_count=1, precision=None,
-                preferred_element_type=None, out_sharding=None):
-  """A drop-in for lax.conv_general_dilated, for NHWC/HWIO, stride 1, 'VALID', no dilation."""
-  del dimension_numbers, out_sharding  # nnx.Conv passes NHWC/HWIO/NHWC, the only layout here.
+def _check_supported(window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count):
   valid = padding == 'VALID' or (not isinstance(padding, str)
                                  and all(tuple(p) == (0, 0) for p in padding))
   if (tuple(window_strides) != (1, 1) or not valid
@@ -28,16 +30,77 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
       or (rhs_dilation and tuple(rhs_dilation) != (1, 1)) or feature_group_count != 1):
     raise NotImplementedError('im2col_conv supports stride 1, VALID padding, no dilation, '
                               'no feature groups; use conv_impl="xla".')
+
+
+def patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+  """(N, H, W, C) -> (N, H-kh+1, W-kw+1, kh*kw*C): channels ordered (row, column, channel).
+
+  Built in two stacks (columns, then rows), each of whole contiguous channel vectors: XLA's CPU
+  loop for that is several times faster than for one concatenate of k*k channel slices.
+  """
+  n, h, w, c = x.shape
+  oh, ow = h - kh + 1, w - kw + 1
+  rows = jnp.stack([x[:, :, j:j + ow] for j in range(kw)], 3).reshape(n, h, ow, kw * c)
+  return jnp.stack([rows[:, i:i + oh] for i in range(kh)], 3).reshape(n, oh, ow, kh * kw * c)
+
+
+def _matmul(p, rhs, precision, preferred_element_type):
+  kh, kw, cin, cout = rhs.shape
+  return lax.dot_general(p, rhs.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=preferred_element_type)
+
+
+def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None,
+                preferred_element_type=None, out_sharding=None):
+  """A drop-in for lax.conv_general_dilated, for NHWC/HWIO, stride 1, 'VALID', no dilation."""
+  del dimension_numbers, out_sharding  # nnx.Conv passes NHWC/HWIO/NHWC, the only layout here.
+  _check_supported(window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
   kh, kw, cin, cout = rhs.shape
   n, h, w, _ = lhs.shape
   oh, ow = h - kh + 1, w - kw + 1
   # Patch channels ordered (row offset, column offset, input channel) = rhs's HWI order.
-  patches = jnp.concatenate(
+  p = jnp.concatenate(
       [lhs[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
-  out = lax.dot_general(patches, rhs.reshape(kh * kw * cin, cout),
-                        (((3,), (0,)), ((), ())), precision=precision,
-                        preferred_element_type=preferred_element_type)
-  return out
+  return _matmul(p, rhs, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_vjp(lhs, rhs, precision, preferred_element_type):
+  return _matmul(patches(lhs, *rhs.shape[:2]), rhs, precision, preferred_element_type)
+
+
+def _conv_vjp_fwd(lhs, rhs, precision, preferred_element_type):
+  p = patches(lhs, *rhs.shape[:2])
+  return _matmul(p, rhs, precision, preferred_element_type), (p, rhs)
+
+
+def _conv_vjp_bwd(precision, preferred_element_type, residuals, dy):
+  del preferred_element_type
+  p, rhs = residuals
+  kh, kw, cin, cout = rhs.shape
+  dy = dy.astype(p.dtype)
+  rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
+  # Kernel gradient: patches^T @ dy, one matmul contracting over every output position.
+  drhs = lax.dot_general(p.reshape(rows, kh * kw * cin), dy.reshape(rows, cout),
+                         (((0,), (0,)), ((), ())), precision=precision)
+  # Input gradient: the 'full' convolution of dy with the kernel flipped and transposed.
+  flipped = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2)
+  dlhs = lax.conv_general_dilated(dy, flipped, (1, 1), [(kh - 1, kh - 1), (kw - 1, kw - 1)],
+                                  dimension_numbers=_NHWC, precision=precision)
+  return dlhs, drhs.reshape(rhs.shape).astype(rhs.dtype)
+
+
+_conv_vjp.defvjp(_conv_vjp_fwd, _conv_vjp_bwd)
+
+
+def im2col_vjp_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                    dimension_numbers=None, feature_group_count=1, precision=None,
+                    preferred_element_type=None, out_sharding=None):
+  """As im2col_conv, with the hand-written backward pass described in the module docstring."""
+  del dimension_numbers, out_sharding
+  _check_supported(window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count)
+  return _conv_vjp(lhs, rhs, precision, preferred_element_type)
 
 
 def resolve(conv_impl: str, backend: str | None = None, in_features: int | None = None) -> str:
@@ -46,13 +109,13 @@ def resolve(conv_impl: str, backend: str | None = None, in_features: int | None 
   if conv_impl != 'auto':
     return conv_impl
   backend = backend or jax.default_backend()
-  if backend == 'cpu' or (backend == 'gpu' and in_features == 1):
-    return 'im2col'
-  return 'xla'
+  if backend == 'cpu':
+    return 'im2col_vjp'
+  return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
 
 
 def conv_function(conv_impl: str, in_features: int | None = None):
   """Returns the conv_general_dilated-compatible function for conv_impl (after resolve) for a
   layer of `in_features` input channels."""
-  return {'im2col': im2col_conv,
+  return {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
           'xla': lax.conv_general_dilated}[resolve(conv_impl, in_features=in_features)]

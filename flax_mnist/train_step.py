@@ -11,9 +11,10 @@ from flax import nnx
 from flax_mnist import conv, keras_import, model as model_lib
 from flax_mnist import parallel
 
-# Bytes of conv2 im2col patches per micro-batch and device on CPU: small enough for the cache.
-# Measured here: k=3 fastest at 10 examples, k=5 at 5 (benchmarks/RESULTS.md).
-_CPU_PATCH_BYTES = 7_000_000
+# Bytes of conv2 im2col patches per micro-batch and device on CPU, per implementation: small
+# enough for the cache. Measured here: im2col fastest at 10 examples for k=3 and 5 for k=5
+# (benchmarks/RESULTS.md); im2col_vjp, whose backward keeps fewer temporaries, at 20 and 10.
+_CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
 
 
 @flax.struct.dataclass
@@ -138,11 +139,12 @@ def micro_batch_size(config, device_count: int, backend: str | None = None) -> i
   if config.micro_batch_size:
     return config.micro_batch_size
   backend = backend or jax.default_backend()
-  if conv.resolve(config.conv_impl, backend) != 'im2col' or backend != 'cpu':
+  impl = conv.resolve(config.conv_impl, backend)
+  if impl not in _CPU_PATCH_BYTES or backend != 'cpu':
     return config.batch_size
   side = 28 - 2 * (config.kernel_size - 1)
   patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
-  target = max(_CPU_PATCH_BYTES // patch_bytes, 1) * device_count
+  target = max(_CPU_PATCH_BYTES[impl] // patch_bytes, 1) * device_count
   fits = [m for m in range(device_count, target + 1, device_count)
           if config.batch_size % m == 0 and config.eval_batch_size % m == 0]
   return max(fits) if fits else config.batch_size

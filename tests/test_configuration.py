@@ -23,7 +23,8 @@ def test_k5_is_the_seed_second_run():
     ('num_epochs', -1, 'config.num_epochs=-1 is invalid'),
     ('kernel_size', 15, 'config.kernel_size=15 is invalid: must be between 1 and 14'),
     ('conv_dropout', 1.0, r'config.conv_dropout=1.0 is invalid: must be in \[0, 1\)'),
-    ('conv_impl', 'fft', 'config.conv_impl=.fft. is invalid: must be one of auto, im2col, xla'),
+    ('conv_impl', 'fft',
+     'config.conv_impl=.fft. is invalid: must be one of auto, im2col, im2col_vjp, xla'),
     ('learning_rate', 0.0, 'config.learning_rate=0.0 is invalid'),
 ])
 def test_bad_values(field, value, message):

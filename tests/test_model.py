@@ -80,32 +80,52 @@ def test_max_pool_equals_reduce_window():
                                 nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
 
 
+_IM2COL_FNS = [conv.im2col_conv, conv.im2col_vjp_conv]
+
+
+@pytest.mark.parametrize('fn', _IM2COL_FNS)
 @pytest.mark.parametrize('k, cin, cout', [(3, 1, 32), (3, 32, 64), (5, 32, 64)])
-def test_im2col_equals_lax_conv(k, cin, cout):
+def test_im2col_equals_lax_conv(k, cin, cout, fn):
   x = jax.random.normal(jax.random.key(0), (6, 28 - (cin > 1) * (k - 1), 28, cin))
   w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.1
   args = ((1, 1), 'VALID')
   dims = ('NHWC', 'HWIO', 'NHWC')
   reference = lax.conv_general_dilated(x, w, *args, dimension_numbers=dims)
-  np.testing.assert_allclose(conv.im2col_conv(x, w, *args), reference, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(fn(x, w, *args), reference, atol=1e-5, rtol=1e-5)
 
   def loss(fn, x, w):
     return jnp.sum(jnp.sin(fn(x, w, *args, dimension_numbers=dims)))
-  grads = jax.grad(lambda x, w: loss(conv.im2col_conv, x, w), argnums=(0, 1))(x, w)
-  expected = jax.grad(lambda x, w: loss(lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
-  for got, want in zip(grads, expected):  # Sums of thousands of terms: compare to their scale.
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+  for grad in (jax.grad, lambda f, **kw: jax.jit(jax.grad(f, **kw))):  # Eager and compiled.
+    grads = grad(lambda x, w: loss(fn, x, w), argnums=(0, 1))(x, w)
+    expected = grad(lambda x, w: loss(lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+    for got, want in zip(grads, expected):  # Sums of thousands of terms: compare to their scale.
+      assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_patches_order_matches_the_kernel_layout():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  p = conv.patches(x, 3, 2)
+  assert p.shape == (2, 5, 5, 18)
+  np.testing.assert_array_equal(p[1, 2, 4].reshape(3, 2, 3), x[1, 2:5, 4:6])
+
+
+def test_im2col_vjp_in_bfloat16():
+  x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: conv.im2col_vjp_conv(x, w, (1, 1), 'VALID').sum().astype(
+      jnp.float32), argnums=(0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16 and dx.shape == x.shape and dw.shape == w.shape
 
 
 def test_conv_impls_give_the_same_model():
   x = jax.random.uniform(jax.random.key(1), (3, 784))
-  _, im2col = _model(conv_impl='im2col')
   _, xla = _model(conv_impl='xla')
-  np.testing.assert_allclose(im2col(x), xla(x), atol=1e-5)
+  for impl in ('im2col', 'im2col_vjp'):
+    np.testing.assert_allclose(_model(conv_impl=impl)[1](x), xla(x), atol=1e-5)
 
 
 def test_auto_resolves_per_backend():
-  assert conv.resolve('auto', 'cpu') == 'im2col'
+  assert conv.resolve('auto', 'cpu') == 'im2col_vjp'
   assert conv.resolve('auto', 'gpu') == 'xla' and conv.resolve('auto', 'tpu') == 'xla'
   # A 1-channel first layer: im2col's 9-channel matmul beats cuDNN on GPU (not known for TPU).
   assert conv.resolve('auto', 'gpu', in_features=1) == 'im2col'
@@ -114,6 +134,7 @@ def test_auto_resolves_per_backend():
   assert conv.resolve('xla', 'cpu') == 'xla'
 
 
-def test_im2col_rejects_what_it_cannot_do():
+@pytest.mark.parametrize('fn', _IM2COL_FNS)
+def test_im2col_rejects_what_it_cannot_do(fn):
   with pytest.raises(NotImplementedError, match='conv_impl="xla"'):
-    conv.im2col_conv(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 2)), (2, 2), 'VALID')
+    fn(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 2)), (2, 2), 'VALID')

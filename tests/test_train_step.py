@@ -103,9 +103,11 @@ def test_split_micro_batches_interleaves():
 
 def test_auto_micro_batch_size():
   config = base_config()
-  assert ts.micro_batch_size(config, 1, 'cpu') == 10
-  assert ts.micro_batch_size(base_config(kernel_size=5), 1, 'cpu') == 5
-  assert ts.micro_batch_size(config, 4, 'cpu') == 20  # 40 does not divide 500.
+  assert ts.micro_batch_size(config, 1, 'cpu') == 20  # auto: im2col_vjp on CPU.
+  assert ts.micro_batch_size(base_config(kernel_size=5), 1, 'cpu') == 10
+  assert ts.micro_batch_size(config, 4, 'cpu') == 20  # 84 -> 20: 40, 60, 80 do not divide 500.
+  assert ts.micro_batch_size(base_config(conv_impl='im2col'), 1, 'cpu') == 10
+  assert ts.micro_batch_size(base_config(conv_impl='im2col', kernel_size=5), 1, 'cpu') == 5
   assert ts.micro_batch_size(config, 1, 'gpu') == 500
   assert ts.micro_batch_size(base_config(conv_impl='xla'), 1, 'cpu') == 500
   assert ts.micro_batch_size(base_config(micro_batch_size=50), 1, 'cpu') == 50
