@@ -19,8 +19,11 @@ def test_device_epochs_equal_host_fed_epochs(prepared_data_dir, tmp_path):
   for host_row, device_row in zip(runs['off'][0], runs['on'][0]):
     for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
       np.testing.assert_allclose(device_row[key], host_row[key], rtol=1e-6)
+  # The two compiled programs round differently (the conv's custom backward fuses differently
+  # inside the epoch's scan), and Adam's normalised updates amplify that where a gradient is
+  # near zero: 2e-5 is 0.2% of the 1e-2 that 10 steps of lr 1e-3 can move a weight.
   for host, device in zip(runs['off'][1], runs['on'][1]):
-    np.testing.assert_allclose(device, host, atol=1e-6)
+    np.testing.assert_allclose(device, host, atol=2e-5)
   for tag in ('steps/loss', 'steps/accuracy'):  # TensorBoard every 3 steps, on both paths.
     host, device = runs['off'][2][tag], runs['on'][2][tag]
     assert [s for s, _ in host] == [s for s, _ in device] == [3, 6, 9]
