@@ -85,13 +85,20 @@ def full_run(name: str, idx_dir: str, epochs: int = 0) -> dict:
               val_accuracy=history[-1]['val_accuracy'])
 
 
+def kernel_config_and_split(kernel: str, idx_dir: str, **overrides):
+  """The benchmark config of kernel size `kernel` ('3': base, '5': k5_nodropout) and its
+  training split."""
+  from flax_mnist import input_pipeline
+  path, config_overrides = RUNS['base' if kernel == '3' else 'k5_nodropout']
+  config = load_config(path, dict(config_overrides, idx_dir=idx_dir, **overrides))
+  return config, input_pipeline.load_split(config, config.train_split)
+
+
 def device_epoch_rate(dtype: str, kernel: str, repeats: int, idx_dir: str) -> float:
   """flax_mnist: samples/s of whole device-resident epochs (the training loop's own path)."""
   import jax
-  from flax_mnist import device_data, input_pipeline, parallel, train_step as ts
-  path, overrides = RUNS['base' if kernel == '3' else 'k5_nodropout']
-  config = load_config(path, dict(overrides, dtype=dtype, idx_dir=idx_dir))
-  split = input_pipeline.load_split(config, config.train_split)
+  from flax_mnist import device_data, parallel, train_step as ts
+  config, split = kernel_config_and_split(kernel, idx_dir, dtype=dtype)
   mesh = parallel.make_mesh()
   graphdef, state, tx = ts.create(config)
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -112,10 +119,7 @@ def torch_epoch_rate(dtype: str, kernel: str, repeats: int, idx_dir: str,
   """PyTorch on the same device: the seed model, data on the device, shuffled each epoch."""
   import peers
   import torch
-  from flax_mnist import input_pipeline
-  path, overrides = RUNS['base' if kernel == '3' else 'k5_nodropout']
-  config = load_config(path, dict(overrides, idx_dir=idx_dir))
-  split = input_pipeline.load_split(config, config.train_split)
+  config, split = kernel_config_and_split(kernel, idx_dir)
   device = 'cuda'
   # JAX computes float32 matmuls and convolutions with TF32 on such GPUs by default; so does
   # PyTorch for convolutions, and with this for matmuls too.

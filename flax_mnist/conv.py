@@ -65,14 +65,14 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   return _matmul(p, rhs, precision, preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_vjp(lhs, rhs, precision, preferred_element_type):
-  return _matmul(patches(lhs, *rhs.shape[:2]), rhs, precision, preferred_element_type)
-
-
 def _conv_vjp_fwd(lhs, rhs, precision, preferred_element_type):
   p = patches(lhs, *rhs.shape[:2])
   return _matmul(p, rhs, precision, preferred_element_type), (p, rhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_vjp(lhs, rhs, precision, preferred_element_type):
+  return _conv_vjp_fwd(lhs, rhs, precision, preferred_element_type)[0]
 
 
 def _conv_vjp_bwd(precision, preferred_element_type, residuals, dy):
