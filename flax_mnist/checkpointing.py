@@ -16,6 +16,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import traceback
 from collections.abc import Iterator
 
 import jax
@@ -53,10 +54,15 @@ def _summary(error: BaseException) -> str:
 
 class _WithoutOrbaxLogs(logging.Filter):
   """Drops orbax's own log records: it logs a failed write several times, with tracebacks of its
-  threads, where the user needs the one CheckpointWriteError line this module raises."""
+  threads, where the user needs the one CheckpointWriteError line this module raises. asyncio
+  logs the same failure once more ('Task exception was never retrieved') when orbax's failed
+  write tasks are collected, possibly after that line: those records name orbax's coroutine."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return '/orbax/' not in record.pathname.replace('\\', '/')
+    text = f'{record.pathname}\n{record.getMessage()}'
+    if record.exc_info and record.exc_info[2]:
+      text += ''.join(traceback.format_tb(record.exc_info[2]))
+    return '/orbax/' not in text.replace('\\', '/')
 
 
 def _warn(text: str) -> None:
@@ -233,9 +239,9 @@ def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Che
   On every exit path it waits for pending async saves (re-raising a failed one) and closes.
   """
   directory = pathlib.Path(workdir).resolve() / 'checkpoints'
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _WithoutOrbaxLogs) for f in absl_logger.filters):
-    absl_logger.addFilter(_WithoutOrbaxLogs())
+  for logger in map(logging.getLogger, ('absl', 'asyncio')):
+    if not any(isinstance(f, _WithoutOrbaxLogs) for f in logger.filters):
+      logger.addFilter(_WithoutOrbaxLogs())
   _make_folder(directory)
   _remove_incomplete(directory)  # Here, not in orbax's background thread: done before use.
   policy = policies.AnyPreservationPolicy([
