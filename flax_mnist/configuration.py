@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from flax_mnist import conv, distributed
+from flax_mnist import conv, distributed, winograd
 from flax_mnist.errors import ConfigError
 
 IMAGE_SIDE = 28
@@ -78,6 +78,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
   if config.num_processes and config.process_id >= config.num_processes:
     raise ConfigError(f'config.process_id={config.process_id} must be below '
                       f'config.num_processes={config.num_processes}; number processes from 0.')
+  if config.conv_impl == 'winograd' and config.kernel_size not in winograd.KERNEL_SIZES:
+    raise ConfigError(f'config.conv_impl=winograd has no transform for kernel_size='
+                      f'{config.kernel_size} (only {", ".join(map(str, winograd.KERNEL_SIZES))})'
+                      '; use conv_impl=auto or im2col_vjp.')
   micro = config.micro_batch_size
   if micro and (config.batch_size % micro or config.eval_batch_size % micro):
     raise ConfigError(f'config.micro_batch_size={micro} must divide batch_size='

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ('auto', 'im2col', 'im2col_vjp', 'xla')
+from flax_mnist import winograd
+
+IMPLEMENTATIONS = ('auto', 'im2col', 'im2col_vjp', 'winograd', 'xla')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -103,19 +105,26 @@ def im2col_vjp_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   return _conv_vjp(lhs, rhs, precision, preferred_element_type)
 
 
-def resolve(conv_impl: str, backend: str | None = None, in_features: int | None = None) -> str:
+def resolve(conv_impl: str, backend: str | None = None, in_features: int | None = None,
+            kernel_size: int | None = None, dtype: str = 'float32') -> str:
   """Maps 'auto' to the fastest implementation on `backend` (default: JAX's default backend)
-  for a layer of `in_features` input channels (None: any layer)."""
+  for a layer of `in_features` input channels and `kernel_size` (None: any)."""
   if conv_impl != 'auto':
     return conv_impl
   backend = backend or jax.default_backend()
   if backend == 'cpu':
+    wide = in_features is None or in_features > 1
+    if (wide and dtype == 'float32'
+        and kernel_size in winograd.KERNEL_SIZES):
+      return 'winograd'
     return 'im2col_vjp'
   return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
 
 
-def conv_function(conv_impl: str, in_features: int | None = None):
+def conv_function(conv_impl: str, in_features: int | None = None,
+                  kernel_size: int | None = None, dtype: str = 'float32'):
   """Returns the conv_general_dilated-compatible function for conv_impl (after resolve) for a
-  layer of `in_features` input channels."""
+  layer of `in_features` input channels and `kernel_size`."""
   return {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
-          'xla': lax.conv_general_dilated}[resolve(conv_impl, in_features=in_features)]
+          'winograd': winograd.winograd_conv, 'xla': lax.conv_general_dilated}[
+              resolve(conv_impl, in_features=in_features, kernel_size=kernel_size, dtype=dtype)]

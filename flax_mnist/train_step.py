@@ -15,6 +15,9 @@ from flax_mnist import parallel
 # enough for the cache. Measured here: im2col fastest at 10 examples for k=3 and 5 for k=5
 # (benchmarks/RESULTS.md); im2col_vjp, whose backward keeps fewer temporaries, at 20 and 10.
 _CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
+# Winograd's conv2: examples per micro-batch and device on CPU (fastest measured at k=3 and
+# k=5: 50, against 20, 25 and 100; benchmarks/RESULTS.md).
+_CPU_WINOGRAD_EXAMPLES = 50
 
 
 @flax.struct.dataclass
@@ -133,18 +136,24 @@ def micro_batch_counts(config, device_count: int) -> tuple[int, int]:
 
 
 def micro_batch_size(config, device_count: int, backend: str | None = None) -> int:
-  """config.micro_batch_size, or for 0 (auto): with im2col on CPU, as many examples per device
-  as keep conv2's patches within _CPU_PATCH_BYTES; elsewhere the whole batch. Always divides
-  both batch sizes and is a multiple of the device count."""
+  """config.micro_batch_size, or for 0 (auto) on CPU, per device: with winograd,
+  _CPU_WINOGRAD_EXAMPLES; with im2col, as many examples as keep conv2's patches within
+  _CPU_PATCH_BYTES; elsewhere the whole batch. Always divides both batch sizes and is a
+  multiple of the device count."""
   if config.micro_batch_size:
     return config.micro_batch_size
   backend = backend or jax.default_backend()
-  impl = conv.resolve(config.conv_impl, backend)
-  if impl not in _CPU_PATCH_BYTES or backend != 'cpu':
+  impl = conv.resolve(config.conv_impl, backend, config.conv1_features, config.kernel_size,
+                      config.dtype)
+  if backend != 'cpu' or impl not in (*_CPU_PATCH_BYTES, 'winograd'):
     return config.batch_size
-  side = 28 - 2 * (config.kernel_size - 1)
-  patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
-  target = max(_CPU_PATCH_BYTES[impl] // patch_bytes, 1) * device_count
+  if impl == 'winograd':
+    per_device = _CPU_WINOGRAD_EXAMPLES
+  else:
+    side = 28 - 2 * (config.kernel_size - 1)
+    patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
+    per_device = max(_CPU_PATCH_BYTES[impl] // patch_bytes, 1)
+  target = per_device * device_count
   fits = [m for m in range(device_count, target + 1, device_count)
           if config.batch_size % m == 0 and config.eval_batch_size % m == 0]
   return max(fits) if fits else config.batch_size

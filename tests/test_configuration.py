@@ -24,13 +24,24 @@ def test_k5_is_the_seed_second_run():
     ('kernel_size', 15, 'config.kernel_size=15 is invalid: must be between 1 and 14'),
     ('conv_dropout', 1.0, r'config.conv_dropout=1.0 is invalid: must be in \[0, 1\)'),
     ('conv_impl', 'fft',
-     'config.conv_impl=.fft. is invalid: must be one of auto, im2col, im2col_vjp, xla'),
+     'config.conv_impl=.fft. is invalid: must be one of auto, im2col, im2col_vjp, winograd, '
+     'xla'),
     ('learning_rate', 0.0, 'config.learning_rate=0.0 is invalid'),
 ])
 def test_bad_values(field, value, message):
   config = base.get_config()
   config[field] = value
   with pytest.raises(ConfigError, match=message):
+    configuration.validate(config)
+
+
+def test_winograd_needs_a_kernel_size_it_has_a_transform_for():
+  config = base.get_config()
+  config.update(conv_impl='winograd', kernel_size=5)
+  configuration.validate(config)
+  config.kernel_size = 7
+  with pytest.raises(ConfigError, match='^config.conv_impl=winograd has no transform for '
+                     r'kernel_size=7 \(only 3, 5\); use conv_impl=auto or im2col_vjp.$'):
     configuration.validate(config)
 
 

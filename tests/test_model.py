@@ -120,12 +120,19 @@ def test_im2col_vjp_in_bfloat16():
 def test_conv_impls_give_the_same_model():
   x = jax.random.uniform(jax.random.key(1), (3, 784))
   _, xla = _model(conv_impl='xla')
-  for impl in ('im2col', 'im2col_vjp'):
+  for impl in ('im2col', 'im2col_vjp', 'winograd'):
     np.testing.assert_allclose(_model(conv_impl=impl)[1](x), xla(x), atol=1e-5)
 
 
 def test_auto_resolves_per_backend():
   assert conv.resolve('auto', 'cpu') == 'im2col_vjp'
+  # CPU: Winograd for float32 layers with several input channels and a 3x3 or 5x5 kernel.
+  assert conv.resolve('auto', 'cpu', in_features=32, kernel_size=3) == 'winograd'
+  assert conv.resolve('auto', 'cpu', in_features=32, kernel_size=5) == 'winograd'
+  assert conv.resolve('auto', 'cpu', in_features=1, kernel_size=3) == 'im2col_vjp'
+  assert conv.resolve('auto', 'cpu', in_features=32, kernel_size=4) == 'im2col_vjp'
+  assert conv.resolve('auto', 'cpu', 32, 3, dtype='bfloat16') == 'im2col_vjp'
+  assert conv.resolve('auto', 'gpu', in_features=32, kernel_size=3) == 'xla'
   assert conv.resolve('auto', 'gpu') == 'xla' and conv.resolve('auto', 'tpu') == 'xla'
   # A 1-channel first layer: im2col's 9-channel matmul beats cuDNN on GPU (not known for TPU).
   assert conv.resolve('auto', 'gpu', in_features=1) == 'im2col'

@@ -1,0 +1,85 @@
+"""Winograd convolution: exact transforms, float32 error against float64, gradients, limits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from flax_mnist import winograd
+
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv(x, w):
+  return winograd.winograd_conv(x, w, (1, 1), 'VALID', dimension_numbers=_DIMS)
+
+
+def _reference(x, w, dy):
+  """y, dx, dw of a valid cross-correlation in float64, straight from the definition."""
+  x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+  r = w.shape[0]
+  out_h, out_w = x.shape[1] - r + 1, x.shape[2] - r + 1
+  y, dx, dw = 0, np.zeros_like(x), np.zeros_like(w)
+  for i in range(r):
+    for j in range(r):
+      view = x[:, i:i + out_h, j:j + out_w]
+      y = y + view @ w[i, j]
+      dx[:, i:i + out_h, j:j + out_w] += dy @ w[i, j].T
+      dw[i, j] = np.einsum('nhwc,nhwd->cd', view, dy)
+  return y, dx, dw
+
+
+@pytest.mark.parametrize('r', winograd.KERNEL_SIZES)
+def test_transforms_compute_correlation_exactly(r):
+  at, g, bt = winograd.transforms(r)
+  rng = np.random.default_rng(r)
+  d, kernel = rng.normal(size=winograd.TILE + r - 1), rng.normal(size=r)
+  expected = [d[i:i + r] @ kernel for i in range(winograd.TILE)]
+  np.testing.assert_allclose(at @ ((g @ kernel) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('r, shape, cout', [(3, (5, 26, 26, 32), 64), (5, (5, 24, 24, 32), 64),
+                                            (3, (4, 28, 28, 1), 32), (5, (3, 11, 14, 3), 7)])
+@pytest.mark.parametrize('compiled', [False, True])
+def test_float32_within_1e5_of_scale_of_float64(r, shape, cout, compiled):
+  """Output, input gradient and kernel gradient; uneven sides need padded tiles."""
+  x = jax.random.uniform(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (r, r, shape[-1], cout)) * 0.1
+  out_shape = (shape[0], shape[1] - r + 1, shape[2] - r + 1, cout)
+  dy = jax.random.normal(jax.random.key(2), out_shape)
+
+  def forward_and_grads(x, w, dy):
+    y, vjp = jax.vjp(_conv, x, w)
+    return (y, *vjp(dy))
+  got = (jax.jit(forward_and_grads) if compiled else forward_and_grads)(x, w, dy)
+  for name, value, want in zip(('y', 'dx', 'dw'), got, _reference(x, w, dy)):
+    assert value.shape == want.shape and value.dtype == jnp.float32
+    error = np.abs(np.asarray(value, np.float64) - want).max() / np.abs(want).max()
+    assert error <= 1e-5, (name, error)
+
+
+def test_matches_lax_conv_in_a_model_sized_layer():
+  x = jax.random.normal(jax.random.key(0), (6, 26, 26, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) * 0.1
+  want = lax.conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_DIMS)
+  assert np.abs(_conv(x, w) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_bfloat16_in_bfloat16_out():
+  x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)
+  y, vjp = jax.vjp(_conv, x, w)
+  dx, dw = vjp(jnp.ones_like(y))
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  assert dx.shape == x.shape and dw.shape == w.shape
+
+
+@pytest.mark.parametrize('kernel, strides, padding', [((4, 4), (1, 1), 'VALID'),
+                                                      ((3, 5), (1, 1), 'VALID'),
+                                                      ((3, 3), (2, 2), 'VALID'),
+                                                      ((3, 3), (1, 1), 'SAME')])
+def test_rejects_what_it_cannot_do(kernel, strides, padding):
+  with pytest.raises(NotImplementedError, match='conv_impl="im2col_vjp"'):
+    winograd.winograd_conv(jnp.zeros((1, 9, 9, 2)), jnp.zeros((*kernel, 2, 3)), strides,
+                           padding)
