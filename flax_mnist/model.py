@@ -29,17 +29,16 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _window_masks(x: jax.Array, pooled: jax.Array) -> list[jax.Array]:
-  """For each of a 2x2 window's 4 positions, whether it is the window's first maximum."""
+def _first_max_position(x: jax.Array, pooled: jax.Array) -> jax.Array:
+  """int32 (n, h/2, w/2, c): which of each 2x2 window's positions (row-major 0..3) holds its
+  first maximum, or 4 where the maximum is <= 0 (the ReLU passes no gradient there)."""
   n, h, w, c = x.shape
   windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
-  masks, taken = [], jnp.zeros(pooled.shape, bool)
-  for i in (0, 1):
-    for j in (0, 1):
-      first = (windows[:, :, i, :, j] == pooled) & ~taken
-      masks.append(first)
-      taken = taken | first
-  return masks
+  position = jnp.full(pooled.shape, 4, jnp.int32)
+  for index in (3, 2, 1, 0):  # Last to first, so the first maximum wins.
+    i, j = divmod(index, 2)
+    position = jnp.where(windows[:, :, i, :, j] == pooled, jnp.int32(index), position)
+  return jnp.where(pooled > 0, position, jnp.int32(4))
 
 
 @jax.custom_vjp
@@ -47,24 +46,25 @@ def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
   """relu(max_pool_2x2(x)): equal to Keras' ReLU then MaxPool2D(2) (ReLU is monotonic), with
   the gradient of TensorFlow's max pool: all of it to the first maximum of each window.
 
-  Pooling first makes the ReLU 4x smaller; the hand-written gradient is one elementwise pass,
-  where autodiff of a max counts ties with an extra reduction.
+  Pooling first makes the ReLU 4x smaller, and the backward pass keeps only each window's
+  int32 position of its maximum instead of the layer's input: one select, where autodiff of a
+  max compares the saved input again and counts ties with an extra reduction.
   """
   return nnx.relu(max_pool_2x2(x))
 
 
 def _relu_max_pool_fwd(x):
   pooled = max_pool_2x2(x)
-  return nnx.relu(pooled), (x, pooled)
+  return nnx.relu(pooled), (_first_max_position(x, pooled), jnp.zeros((0,), x.dtype))
 
 
 def _relu_max_pool_bwd(residuals, dy):
-  x, pooled = residuals
-  dy = jnp.where(pooled > 0, dy, 0)
-  n, h, w, c = x.shape
-  parts = [jnp.where(mask, dy, 0) for mask in _window_masks(x, pooled)]
-  dx = jnp.stack(parts, 3).reshape(n, h // 2, w // 2, 2, 2, c)
-  return (dx.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
+  position, x_dtype = residuals
+  n, h, w, c = position.shape
+  slots = lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2 + lax.broadcasted_iota(
+      jnp.int32, (1, 1, 2, 1, 2, 1), 4)
+  dx = jnp.where(position[:, :, None, :, None] == slots, dy[:, :, None, :, None], 0)
+  return (dx.reshape(n, 2 * h, 2 * w, c).astype(x_dtype.dtype),)
 
 
 relu_max_pool_2x2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
