@@ -20,13 +20,15 @@ _BIAS_INIT = nnx.initializers.zeros_init()
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """Keras' MaxPool2D(2) on NHWC with even sides, as a reshape and a max.
+  """Keras' MaxPool2D(2) on NHWC with even sides, as a reshape and a max; NaN if a window holds
+  one (XLA's CPU max may skip NaN, and a diverged run must show it).
 
   Same values as a reduce_window max pool, but its gradient is elementwise (XLA fuses it),
   where reduce_window's gradient is a select-and-scatter that costs a third of a CPU step.
   """
   n, h, w, c = x.shape
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return jnp.where(jnp.isnan(windows).any(axis=(2, 4)), jnp.nan, windows.max(axis=(2, 4)))
 
 
 def _first_max_position(x: jax.Array, pooled: jax.Array) -> jax.Array:
@@ -41,6 +43,11 @@ def _first_max_position(x: jax.Array, pooled: jax.Array) -> jax.Array:
   return jnp.where(pooled > 0, position, jnp.int32(4))
 
 
+def _relu_keeping_nan(x: jax.Array) -> jax.Array:
+  # Not jnp.maximum(x, 0): XLA's CPU max may return 0 for NaN.
+  return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+
+
 @jax.custom_vjp
 def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
   """relu(max_pool_2x2(x)): equal to Keras' ReLU then MaxPool2D(2) (ReLU is monotonic), with
@@ -50,12 +57,12 @@ def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
   int32 position of its maximum instead of the layer's input: one select, where autodiff of a
   max compares the saved input again and counts ties with an extra reduction.
   """
-  return nnx.relu(max_pool_2x2(x))
+  return _relu_keeping_nan(max_pool_2x2(x))
 
 
 def _relu_max_pool_fwd(x):
   pooled = max_pool_2x2(x)
-  return nnx.relu(pooled), (_first_max_position(x, pooled), jnp.zeros((0,), x.dtype))
+  return _relu_keeping_nan(pooled), (_first_max_position(x, pooled), jnp.zeros((0,), x.dtype))
 
 
 def _relu_max_pool_bwd(residuals, dy):

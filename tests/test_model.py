@@ -68,6 +68,20 @@ def test_dropout_rate_and_scaling():
   np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.75], rtol=1e-6)
 
 
+def test_dropout_bits_are_uniform_and_independent():
+  keys = _keys(0, 64)
+  bits = np.asarray(model_lib.dropout_bits(keys, 0, (12, 12, 64)), np.float64) / 2 ** 32
+  assert abs(bits.mean() - 0.5) < 0.003 and abs(bits.std() - 12 ** -0.5) < 0.003
+  flat = bits.reshape(64, -1)
+  for a, b in ((flat[:, :-1], flat[:, 1:]),  # Neighbouring elements of one example,
+               (flat[:-1], flat[1:])):  # the same element of neighbouring examples.
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+  other_layer = np.asarray(model_lib.dropout_bits(keys, 1, (12, 12, 64)), np.float64) / 2 ** 32
+  assert abs(np.corrcoef(bits.ravel(), other_layer.ravel())[0, 1]) < 0.01
+  np.testing.assert_array_equal(model_lib.dropout_bits(keys[5:7], 0, (12, 12, 64)),
+                                model_lib.dropout_bits(keys, 0, (12, 12, 64))[5:7])
+
+
 def test_no_dropout_config_is_deterministic_in_training():
   _, model = _model(conv_dropout=0.0, dense_dropout=0.0)
   x = jax.random.uniform(jax.random.key(1), (4, 784))
@@ -78,6 +92,31 @@ def test_max_pool_equals_reduce_window():
   x = jax.random.normal(jax.random.key(0), (3, 24, 24, 8))
   np.testing.assert_array_equal(model_lib.max_pool_2x2(x),
                                 nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
+
+
+def _first_max_gradient(x, dy):
+  """numpy reference of TensorFlow's max-pool gradient after a ReLU: each window's gradient
+  goes to its first maximum, if that maximum is positive."""
+  dx = np.zeros_like(x)
+  n, h, w, c = x.shape
+  for b, i, j, k in np.ndindex(n, h // 2, w // 2, c):
+    window = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k]
+    if window.max() > 0:
+      r, s = divmod(int(window.argmax()), 2)  # argmax: the first maximum, row-major.
+      dx[b, 2 * i + r, 2 * j + s, k] = dy[b, i, j, k]
+  return dx
+
+
+def test_relu_max_pool_equals_relu_then_pool_with_first_max_gradient():
+  x = np.asarray(jax.random.normal(jax.random.key(0), (3, 8, 6, 5)))
+  x = np.round(x * 2) / 2  # Many ties, and whole windows of zeros after the ReLU.
+  dy = np.asarray(jax.random.normal(jax.random.key(1), (3, 4, 3, 5)))
+  np.testing.assert_array_equal(model_lib.relu_max_pool_2x2(x),
+                                model_lib.max_pool_2x2(jax.nn.relu(x)))
+  def gradient(x, dy):
+    return jax.vjp(model_lib.relu_max_pool_2x2, x)[1](dy)[0]
+  for fn in (gradient, jax.jit(gradient)):  # Eager and compiled.
+    np.testing.assert_array_equal(fn(x, dy), _first_max_gradient(x, dy))
 
 
 _IM2COL_FNS = [conv.im2col_conv, conv.im2col_vjp_conv]
