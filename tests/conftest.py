@@ -22,12 +22,14 @@ def assert_adam_params_close(params, expected, learning_rate):
   """Params of two runs whose gradients differ only in rounding (another summation order).
 
   Adam's update is ~lr * sign(gradient) where a gradient is near zero, so a rounding-sized
-  change can move a rare weight by up to 2 * lr; all the others must agree within 1e-5.
+  change can move a rare weight by up to 2 * lr over a few steps (Winograd's conv2 rounds
+  differently in each compiled program: seen up to 0.16% of a layer's weights); 99% must agree
+  within 1e-5. A real difference in the computation moves most weights.
   """
   for got, want in zip(params, expected):
     difference = np.abs(np.asarray(got) - np.asarray(want))
     assert difference.max() <= 2 * learning_rate
-    assert (difference > 1e-5).mean() < 1e-3, (difference > 1e-5).sum()
+    assert (difference > 1e-5).mean() < 1e-2, (difference > 1e-5).sum()
 
 
 @pytest.fixture(scope='session')
