@@ -165,6 +165,8 @@ def main() -> None:
   parser.add_argument('--kernels', default='3,5')
   parser.add_argument('--repeats', type=int, default=5, help='timed epochs per throughput cell')
   parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch peer')
+  parser.add_argument('--torch_modes', default='eager,compile',
+                      help='PyTorch peers: eager and/or compile (torch.compile)')
   args = parser.parse_args()
   import jax
   source = read_idx_splits_if_no_tensorflow(args.idx_dir)
@@ -174,7 +176,9 @@ def main() -> None:
            '| final val_accuracy |', '|---|---|---|---|---|---|']
   table += [f"| {r['run']} | {r['compile']:.1f} | {r['train']:.2f} | {r['wall']:.1f} | "
             f"{r['epochs']} | {r['val_accuracy']:.4f} |" for r in rows]
-  systems = ['flax_mnist'] + ([] if args.no_torch else ['torch', 'torch.compile'])
+  modes = {'eager': 'torch', 'compile': 'torch.compile'}
+  systems = ['flax_mnist'] + ([] if args.no_torch else
+                              [modes[m] for m in args.torch_modes.split(',') if m])
   table += ['', '| k | dtype | ' + ' | '.join(systems) + ' | flax_mnist / fastest peer |',
             '|---' * (len(systems) + 3) + '|']
   for kernel in args.kernels.split(','):

@@ -77,6 +77,15 @@ def _relu_max_pool_bwd(residuals, dy):
 relu_max_pool_2x2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
 
 
+def relu_then_max_pool_2x2(x: jax.Array) -> jax.Array:
+  """ReLU then max_pool_2x2, differentiated by JAX: the same values as relu_max_pool_2x2.
+
+  For bfloat16, where the hand-written gradient made a device-resident epoch 16% slower on an
+  H100 (and 6% faster in float32; benchmarks/RESULTS.md, 2026-11-26).
+  """
+  return max_pool_2x2(_relu_keeping_nan(x))
+
+
 def _mix32(x: jax.Array) -> jax.Array:
   """murmur3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
   x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
@@ -126,6 +135,8 @@ class CNN(nnx.Module):
     self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, k, padding='VALID',
                           conv_general_dilated=_conv_function(config, config.conv1_features),
                           **common)
+    self.relu_pool = (relu_max_pool_2x2 if config.dtype == 'float32'
+                      else relu_then_max_pool_2x2)
     self.conv_dropout = config.conv_dropout
     pooled = (IMAGE_SHAPE[0] - 2 * (config.kernel_size - 1)) // 2
     self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,
@@ -141,7 +152,7 @@ class CNN(nnx.Module):
     """
     x = x.reshape((x.shape[0], *IMAGE_SHAPE))
     x = nnx.relu(self.conv1(x))
-    x = relu_max_pool_2x2(self.conv2(x))
+    x = self.relu_pool(self.conv2(x))
     if train:
       x = dropout(x, self.conv_dropout, dropout_keys, layer=0)
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.

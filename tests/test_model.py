@@ -119,6 +119,19 @@ def test_relu_max_pool_equals_relu_then_pool_with_first_max_gradient():
     np.testing.assert_array_equal(fn(x, dy), _first_max_gradient(x, dy))
 
 
+def test_bfloat16_model_pools_with_autodiff_with_same_values_and_tie_free_gradient():
+  config = base_config(dtype='bfloat16')
+  assert model_lib.CNN(config, rngs=nnx.Rngs(0)).relu_pool is model_lib.relu_then_max_pool_2x2
+  x = jax.random.normal(jax.random.key(0), (3, 8, 6, 5)).at[0, 0, 0, 0].set(jnp.nan)
+  dy = jax.random.normal(jax.random.key(1), (3, 4, 3, 5))
+  np.testing.assert_array_equal(model_lib.relu_then_max_pool_2x2(x),
+                                model_lib.relu_max_pool_2x2(x))
+  assert np.isnan(model_lib.relu_then_max_pool_2x2(x)[0, 0, 0, 0])
+  x = x.at[0, 0, 0, 0].set(0.5)  # No ties: both gradients go to each window's maximum.
+  np.testing.assert_array_equal(jax.vjp(model_lib.relu_then_max_pool_2x2, x)[1](dy)[0],
+                                _first_max_gradient(np.asarray(x), np.asarray(dy)))
+
+
 _IM2COL_FNS = [conv.im2col_conv, conv.im2col_vjp_conv]
 
 
