@@ -9,9 +9,9 @@ saved patches with the output gradient, and the input gradient is XLA's own conv
 padded output gradient with the flipped kernel, which on CPU beats im2col's pads and adds.
 'winograd' (flax_mnist/winograd.py) multiplies 4x (3x3) to 6.25x (5x5) fewer numbers; on CPU
 it is the fastest for layers with several input channels (conv2), im2col_vjp for the 1-channel
-first layer (measured, benchmarks/RESULTS.md). On GPU the native (cuDNN) convolution is the better choice, except for a 1-channel input (the
-first layer), whose 9-channel im2col matmul beats cuDNN (measured on an H100,
-benchmarks/RESULTS.md); on TPU the native one.
+first layer (measured, benchmarks/RESULTS.md). On GPU the native (cuDNN) convolution is the
+better choice, except for a 1-channel input (the first layer), whose 9-channel im2col matmul
+beats cuDNN (measured on an H100, benchmarks/RESULTS.md); on TPU the native one.
 """
 
 import functools
@@ -116,10 +116,8 @@ def resolve(conv_impl: str, backend: str | None = None, in_features: int | None 
   backend = backend or jax.default_backend()
   if backend == 'cpu':
     wide = in_features is None or in_features > 1
-    if (wide and dtype == 'float32'
-        and kernel_size in winograd.KERNEL_SIZES):
-      return 'winograd'
-    return 'im2col_vjp'
+    winograd_fits = wide and dtype == 'float32' and kernel_size in winograd.KERNEL_SIZES
+    return 'winograd' if winograd_fits else 'im2col_vjp'
   return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
 
 

@@ -81,7 +81,7 @@ def relu_then_max_pool_2x2(x: jax.Array) -> jax.Array:
   """ReLU then max_pool_2x2, differentiated by JAX: the same values as relu_max_pool_2x2.
 
   For bfloat16, where the hand-written gradient made a device-resident epoch 16% slower on an
-  H100 (and 6% faster in float32; benchmarks/RESULTS.md, 2026-11-26).
+  H100 (and 8% faster in float32; benchmarks/RESULTS.md, 2026-11-26).
   """
   return max_pool_2x2(_relu_keeping_nan(x))
 

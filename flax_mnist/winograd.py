@@ -183,7 +183,7 @@ def _conv_bwd(precision, residuals, dy):
   # transposed-operand one runs on one core.
   v_t = lax.optimization_barrier(jnp.swapaxes(v, 1, 2))
   du = lax.dot_general(v_t, dm, (((2,), (1,)), ((0,), (0,))), precision=precision)
-  dv = lax.dot_general(dm, jnp.swapaxes(u_t, 1, 2), (((2,), (2,)), ((0,), (0,))), precision=precision)
+  dv = lax.dot_general(dm, u_t, (((2,), (1,)), ((0,), (0,))), precision=precision)
   dx = _input_tiles_transpose(dv, bt, n, tiles_h, tiles_w)
   dx = dx[:, :out_h + r - 1, :out_w + r - 1]
   return dx.astype(x_dtype.dtype), _kernel_tiles_transpose(du, g).astype(w_dtype.dtype)
