@@ -12,7 +12,9 @@ training resumes from the newest one that does. A failed write is one Checkpoint
 """
 
 import contextlib
+import errno
 import logging
+import os
 import pathlib
 import shutil
 import sys
@@ -46,9 +48,14 @@ class CheckpointWriteError(CheckpointError):
 
 
 def _summary(error: BaseException) -> str:
+  """The error's type and first line; a long line (TensorStore's: the path first, then the
+  reason, then its sources) keeps its start, the OS's reason wherever it stands, and its end."""
   line = (str(error).strip().splitlines() or [''])[0]
-  if len(line) > 240:  # TensorStore puts the path first and the OS's reason last.
-    line = f'{line[:100]} ... {line[-130:]}'
+  if len(line) > 240:
+    middle = line[100:-130]
+    reasons = [os.strerror(code) for code in sorted(errno.errorcode)
+               if os.strerror(code) in middle]
+    line = ' ... '.join([line[:100], *reasons[:1], line[-130:]])
   return f'{type(error).__name__}: {line}'
 
 

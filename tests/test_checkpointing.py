@@ -138,3 +138,16 @@ def test_failed_save_is_raised_and_older_checkpoints_stay(prepared_data_dir, tmp
   monkeypatch.undo()
   with checkpointing.open_checkpoints(workdir) as checkpoints:
     assert checkpoints.steps() == [5]
+
+
+def test_a_long_error_keeps_the_os_reason_where_it_stands():
+  """TensorStore's messages put the path first and long sources last; the elided summary must
+  still say why (a full disk here)."""
+  message = ('Error writing "/w/checkpoints/10/array_metadatas/process_0" ' + 'x' * 150
+             + ': File too large [OS error 27] ' + 'y' * 300 + " [source_errors_error_code='27']")
+  summary = checkpointing._summary(ValueError(message))
+  assert summary.startswith('ValueError: Error writing "/w/checkpoints/10/')
+  assert ' ... File too large ... ' in summary and summary.endswith("error_code='27']")
+  assert len(summary) < 300
+  assert checkpointing._summary(OSError('short: File too large')) == (
+      'OSError: short: File too large')
