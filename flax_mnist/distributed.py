@@ -2,7 +2,7 @@
 
 Every process runs the same program on its own devices; together they form one global device
 mesh. `initialize` must run before any other JAX computation. Afterwards each process feeds only
-the rows of every global batch that its devices hold (parallel.process_rows), every process takes
+the rows of every global batch that its devices hold (sharding.process_rows), every process takes
 part in orbax saves and restores, and only the main process (0) prints and writes files.
 """
 
@@ -12,9 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import jax
 
-from flax_mnist.errors import FlaxMnistError
-
-MODES = ('auto', 'on', 'off')
+from flax_mnist.errors import FlaxMnistError, first_line
 
 # Variables through which launchers announce a multi-process job: jax's own coordinator
 # variable, and process lists of GKE TPU slices, Slurm and Open MPI (more than one process).
@@ -59,9 +57,8 @@ def initialize(config) -> bool:
         num_processes=config.num_processes or None,
         process_id=None if config.process_id < 0 else config.process_id)
   except (RuntimeError, ValueError, TypeError) as e:
-    text = str(e).strip().splitlines()
     raise DistributedError(
-        f'jax.distributed.initialize failed ({type(e).__name__}: {text[0] if text else ""}); '
+        f'jax.distributed.initialize failed ({first_line(e)}); '
         'set --config.coordinator_address=HOST:PORT, --config.num_processes and '
         '--config.process_id, or --config.distributed=off for one process.') from None
   return True

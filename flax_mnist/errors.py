@@ -1,8 +1,10 @@
-"""The package's own error type: every user-facing failure is one of these, one line long."""
+"""The package's error types (every user-facing failure is one line) and the one helper that
+shortens a library's exception to such a line."""
 
 
 class FlaxMnistError(Exception):
   """A problem with the user's input (config, data files, checkpoints, images)."""
+  exit_code = 2
 
 
 class ConfigError(FlaxMnistError):
@@ -11,3 +13,10 @@ class ConfigError(FlaxMnistError):
 
 class DataError(FlaxMnistError):
   """A dataset or data file that cannot be used."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """'Type: first line of the message', at most `limit` characters: how a library's exception
+  is quoted inside one of our one-line errors."""
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0] if lines else ""}'[:limit]

@@ -1,4 +1,10 @@
-"""Command line: python -m flax_mnist.main --config configs/base.py [--workdir DIR]."""
+"""Command line: python -m flax_mnist.main --config configs/base.py [--workdir DIR] [--mode ...].
+
+Flags and config are parsed with absl and ml_collections alone: --help, --mode=config and
+config errors answer before JAX is imported. Then, in order: the config is validated against
+the schema, jax.distributed starts (multi-process runs), the run plan is decided and printed
+once, the inputs are checked, and the mode runs.
+"""
 
 import os
 import pathlib
@@ -9,7 +15,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before anything imports Te
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_mnist import configuration
+from flax_mnist import schema
 from flax_mnist.errors import FlaxMnistError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -17,9 +23,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     '--config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where metrics.jsonl and checkpoints go. Default: workdir/<config name>.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'predict', 'report'],
-                          'train (resumes from the newest checkpoint), eval, export, predict or '
-                          'report (the plots in WORKDIR/plots).')
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'eval', 'export', 'predict', 'report', 'config'],
+                          'train (resumes from the newest checkpoint), eval, export, predict, '
+                          'report (the plots in WORKDIR/plots) or config (print every config '
+                          'field with its value and meaning, and exit).')
 _STEP = flags.DEFINE_string('step', 'latest',
                             'Checkpoint for eval/export/predict/report: latest, best or a step '
                             'number.')
@@ -67,20 +75,21 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
-def run_mode(config, workdir: str) -> int:
-  """Runs --mode; returns the process exit code."""
-  from flax_mnist import modes, preflight, train
-  preflight.check(config, _MODE.value, workdir)  # Before anything is written.
+def run_mode(config, plan, workdir: str) -> int:
+  """Runs --mode with the decided plan; returns the process exit code."""
+  from flax_mnist import loop, modes
+  from flax_mnist.data import checks
+  checks.check(config, plan, _MODE.value, workdir)  # Before anything is written.
   if _MODE.value == 'train':
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir, plan)
   elif _MODE.value == 'eval':
-    modes.run_eval(config, workdir, _STEP.value)
+    modes.run_eval(config, plan, workdir, _STEP.value)
   elif _MODE.value == 'export':
-    modes.run_export(config, workdir, _STEP.value, _OUTPUT.value)
+    modes.run_export(config, plan, workdir, _STEP.value, _OUTPUT.value)
   elif _MODE.value == 'report':
-    modes.run_report(config, workdir, _STEP.value)
+    modes.run_report(config, plan, workdir, _STEP.value)
   else:
-    return 1 if modes.run_predict(config, workdir, _STEP.value, _IMAGES.value,
+    return 1 if modes.run_predict(config, plan, workdir, _STEP.value, _IMAGES.value,
                                   _INVERT.value) else 0
   return 0
 
@@ -91,13 +100,17 @@ def main(argv) -> None:
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it opens at INFO.
   config = _CONFIG.value
-  import jax  # After flag parsing, so --help is instant.
   try:
-    configuration.validate(config)  # Fields first: distributed start-up reads some of them.
-    from flax_mnist import distributed
+    schema.validate(config)  # Fields first: distributed start-up reads some of them.
+    if _MODE.value == 'config':
+      print(schema.describe(config))
+      return
+    from flax_mnist import distributed, plan  # After flag parsing: imports JAX.
+    from flax_mnist.reporting.console import say
     distributed.initialize(config)  # Before any other JAX call.
-    configuration.validate(config, jax.device_count())
-    sys.exit(run_mode(config, _WORKDIR.value or default_workdir()))
+    decided = plan.decide(config)
+    say(decided.line())
+    sys.exit(run_mode(config, decided, _WORKDIR.value or default_workdir()))
   except FlaxMnistError as e:
     _fail(str(e), getattr(e, 'exit_code', 2))
   except KeyboardInterrupt:  # A second Ctrl-C in training, or one outside it.

@@ -1,31 +1,19 @@
-"""Loads a 28x28x1, 10-class tfds dataset into memory and serves fixed-shape batches.
+"""Reads a 28x28x1 tfds dataset (mnist, fashion_mnist, kmnist) into memory through
+tensorflow-datasets: its builder, its download manager and checksums, or our IDX files offline.
 
-MNIST is 47 MB as uint8, so each split is read through tfds once and batched with NumPy. The
-training order is a pure function of (seed, epoch), which makes resumed runs exact.
+MNIST is 47 MB as uint8, so each split is read once, whole, into a batches.Split.
 """
 
 import contextlib
-import dataclasses
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 
-from flax_mnist.errors import DataError
-
-IMAGE_SHAPE = (28, 28, 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """One split in memory: uint8 images (N, 28, 28, 1) and int32 labels (N,)."""
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
+from flax_mnist.data.batches import Split
+from flax_mnist.errors import DataError, first_line
+from flax_mnist.geometry import IMAGE_SHAPE
 
 
 @contextlib.contextmanager
@@ -64,11 +52,6 @@ def import_tfds():
   return tfds
 
 
-def _first_line(error: Exception) -> str:
-  text = str(error).strip().splitlines()
-  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
-
-
 def get_builder(config):
   """Returns the tfds builder named by config.dataset, checking it is 28x28x1 with 10 classes."""
   tfds = import_tfds()
@@ -93,8 +76,8 @@ def get_builder(config):
 def ensure_prepared(config, builder) -> None:
   """Prepares the dataset: from config.idx_dir offline, else by tfds' own download."""
   if config.idx_dir:
-    from flax_mnist import offline_prepare
-    offline_prepare.prepare_from_idx(builder, config.idx_dir)
+    from flax_mnist.data import offline
+    offline.prepare_from_idx(builder, config.idx_dir)
     return
   if builder.is_prepared():
     return
@@ -102,7 +85,7 @@ def ensure_prepared(config, builder) -> None:
     builder.download_and_prepare()
   except Exception as e:  # Any download failure: network, DNS, proxy, checksum.
     raise DataError(
-        f'could not download {config.dataset!r} ({_first_line(e)}); to work offline, put the '
+        f'could not download {config.dataset!r} ({first_line(e)}); to work offline, put the '
         'four IDX files in a folder and pass --config.idx_dir=FOLDER.') from None
 
 
@@ -115,47 +98,6 @@ def load_split(config, split: str) -> Split:
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   except (ValueError, KeyError, AssertionError) as e:
     raise DataError(f'cannot read split {split!r} of {config.dataset!r}: '
-                    f'{_first_line(e)}') from None
+                    f'{first_line(e)}') from None
   return Split(images=np.asarray(arrays['image'], np.uint8),
                labels=np.asarray(arrays['label'], np.int32))
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The training order of `epoch`: a permutation that depends only on (seed, epoch)."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  """Number of full batches per epoch (the last partial batch is dropped)."""
-  return num_examples // batch_size
-
-
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
-                  rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields the (images, labels) training batches of `epoch`: rows `rows` of each global batch
-  of `batch_size` (default: all; a process of a multi-process run reads only its own rows)."""
-  order = epoch_order(len(split), seed, epoch)
-  for step in range(steps_per_epoch(len(split), batch_size)):
-    batch = order[step * batch_size:(step + 1) * batch_size]
-    batch = batch if rows is None else batch[rows]
-    yield split.images[batch], split.labels[batch]
-
-
-def eval_batches(split: Split, batch_size: int, rows: np.ndarray | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields (images, labels, mask) covering every example once; the last batch is padded.
-
-  Only rows `rows` (sorted) of each global batch are read, as in train_batches.
-  """
-  for start in range(0, len(split), batch_size):
-    batch = np.arange(start, start + batch_size)
-    batch = batch if rows is None else batch[rows]
-    pad = int((batch >= len(split)).sum())  # Padding rows come last, in order.
-    batch = batch[:len(batch) - pad]
-    images, labels = split.images[batch], split.labels[batch]
-    mask = np.ones(len(labels), np.float32)
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    yield images, labels, mask

@@ -10,25 +10,28 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_mnist import input_pipeline, parallel, plots
-from flax_mnist import train_step as ts
+from flax_mnist import distributed, sharding
+from flax_mnist import steps as steps_lib
+from flax_mnist.data import batches
+from flax_mnist.reporting import plots
+from flax_mnist.reporting.console import say
 
 PLOTS_DIR = 'plots'
 NUM_ERRORS = 36  # Digits in errors.png (a 6x6 grid).
 
 
-def probabilities(graphdef, params, mesh, split: input_pipeline.Split,
+def probabilities(graphdef, params, mesh, split: batches.Split,
                   batch_size: int) -> np.ndarray:
   """Softmax outputs (N, classes) of the model on every example of `split`."""
   @jax.jit
   def predict(params, images):
     model = nnx.merge(graphdef, params)
-    return jax.lax.with_sharding_constraint(jax.nn.softmax(model(ts.to_unit_float(images))),
-                                            parallel.replicated(mesh))
+    return jax.lax.with_sharding_constraint(jax.nn.softmax(model(steps_lib.to_unit_float(images))),
+                                            sharding.replicated(mesh))
   chunks = []
-  rows = parallel.process_rows(mesh, batch_size)  # Each process feeds its rows of a batch.
-  for images, _, mask in input_pipeline.eval_batches(split, batch_size):
-    (images,) = parallel.put_batch(mesh, images[rows])
+  rows = sharding.process_rows(mesh, batch_size)  # Each process feeds its rows of a batch.
+  for images, _, mask in batches.eval_batches(split, batch_size):
+    (images,) = sharding.put_batch(mesh, images[rows])
     chunks.append(np.asarray(jax.device_get(predict(params, images)))[mask > 0])
   return np.concatenate(chunks)
 
@@ -47,12 +50,12 @@ def worst_errors(labels: np.ndarray, probs: np.ndarray, count: int = NUM_ERRORS)
   return wrong[np.argsort(probs[wrong, labels[wrong]], kind='stable')][:count]
 
 
-def write_report(graphdef, params, mesh, config, split: input_pipeline.Split,
-                 history: list[dict], workdir, mark_epoch: int | None = None,
-                 say=print) -> list[pathlib.Path]:
+def write_report(graphdef, params, mesh, config, split: batches.Split,
+                 history: list[dict], workdir,
+                 mark_epoch: int | None = None) -> list[pathlib.Path]:
   """Writes the three plots to WORKDIR/plots (process 0); returns their paths."""
   probs = probabilities(graphdef, params, mesh, split, config.eval_batch_size)
-  if jax.process_index() != 0:
+  if not distributed.is_main():
     return []
   folder = pathlib.Path(workdir) / PLOTS_DIR
   predicted = probs.argmax(-1)

@@ -5,6 +5,8 @@ import pathlib
 
 import numpy as np
 
+from flax_mnist.geometry import IMAGE_SIDE
+
 _DPI = 100
 
 
@@ -79,7 +81,7 @@ def errors(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
     if i >= len(images):
       continue
     predicted = int(probabilities[i].argmax())
-    axes.imshow(images[i].reshape(28, 28), cmap='gray_r', vmin=0, vmax=255)
+    axes.imshow(images[i].reshape(IMAGE_SIDE, IMAGE_SIDE), cmap='gray_r', vmin=0, vmax=255)
     axes.set_title(f'true {labels[i]}, pred {predicted}\n'
                    f'p({predicted}) = {probabilities[i, predicted]:.2f}\n'
                    f'p({labels[i]}) = {probabilities[i, labels[i]]:.2g}', fontsize=8)

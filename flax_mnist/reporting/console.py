@@ -1,12 +1,17 @@
-"""What the user sees: a Keras-style line per epoch, a progress bar, and metrics.jsonl."""
+"""What the user sees on the console: the run's story (`say`), a Keras-style line per epoch,
+and an in-place progress bar."""
 
-import json
-import pathlib
 import sys
 import time
 
-METRIC_KEYS = ('epoch', 'loss', 'accuracy', 'val_loss', 'val_accuracy', 'seconds',
-               'samples_per_second')
+from flax_mnist import distributed
+
+
+def say(text: str) -> None:
+  """Prints a user-facing line at once (logs go to stderr; this is the run's story); only
+  process 0 of a multi-process run prints."""
+  if distributed.is_main():
+    print(text, flush=True)
 
 
 def epoch_line(row: dict, num_epochs: int, num_samples: int) -> str:
@@ -16,25 +21,6 @@ def epoch_line(row: dict, num_epochs: int, num_samples: int) -> str:
           f"{row['seconds']:.1f}s {us_per_sample:.0f}us/sample - loss: {row['loss']:.4f} - "
           f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - "
           f"val_accuracy: {row['val_accuracy']:.4f}")
-
-
-def metrics_line(row: dict) -> str:
-  """One epoch's metrics as a JSON line with the documented keys, in order."""
-  return json.dumps({k: row[k] for k in METRIC_KEYS}) + '\n'
-
-
-def append_metrics(path: pathlib.Path, row: dict) -> None:
-  """Appends one epoch's metrics as a JSON line (flushed, so a kill loses nothing written)."""
-  with open(path, 'a') as f:
-    f.write(metrics_line(row))
-    f.flush()
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-  """Reads metrics.jsonl back (an empty list when it does not exist)."""
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class ProgressBar:

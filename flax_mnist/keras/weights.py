@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from flax_mnist.errors import FlaxMnistError
-from flax_mnist.keras_export import WEIGHT_LAYERS
+from flax_mnist.keras.layout import WEIGHT_LAYERS
 
 
 class KerasImportError(FlaxMnistError):

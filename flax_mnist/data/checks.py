@@ -1,13 +1,13 @@
 """Checks what a run's config points at before any work: dataset, splits, IDX files, init_from.
 
-configuration.validate checks the fields themselves; this checks the things they name, so a
+schema.validate checks the fields themselves; this checks the things they name, so a
 mistyped dataset, a malformed IDX file or a .h5 of another architecture fails in seconds with
 one line, before a workdir, checkpoint folder or prepared dataset is written.
 """
 
 import pathlib
 
-from flax_mnist import idx, input_pipeline
+from flax_mnist.data import idx, tfds_source
 from flax_mnist.errors import DataError
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
@@ -15,12 +15,12 @@ _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
            'report': ('eval_split',)}
 
 
-def check(config, mode: str, workdir: str | pathlib.Path) -> None:
+def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
   """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run."""
   if mode in _SPLITS:
     check_dataset(config, _SPLITS[mode])
   if config.init_from and not _has_checkpoints(workdir):
-    check_init_from(config)
+    check_init_from(config, plan)
 
 
 def _has_checkpoints(workdir) -> bool:
@@ -31,7 +31,7 @@ def _has_checkpoints(workdir) -> bool:
 def check_dataset(config, split_fields: tuple[str, ...]) -> None:
   """The dataset exists in tfds and is 28x28x1 with num_classes labels (read from the builder's
   info, no download); idx_dir's files are valid; the splits exist and hold enough examples."""
-  builder = input_pipeline.get_builder(config)
+  builder = tfds_source.get_builder(config)
   if not builder.is_prepared():
     if config.idx_dir:
       for split in idx.SPLIT_FILES:
@@ -56,7 +56,7 @@ def _check_split(config, builder, field: str) -> None:
                                                     if field == 'train_split' else '.'))
 
 
-def check_init_from(config) -> None:
+def check_init_from(config, plan) -> None:
   """config.init_from is a readable Keras .h5 of this config's architecture."""
-  from flax_mnist import train_step  # Builds the model: imported only when needed.
-  train_step.create(config, keras_weights=config.init_from)
+  from flax_mnist import steps  # Builds the model: imported only when needed.
+  steps.create(config, plan, keras_weights=config.init_from)

@@ -12,8 +12,9 @@ import zlib
 import numpy as np
 
 from flax_mnist.errors import DataError
+from flax_mnist.geometry import IMAGE_SIDE
 
-IMAGE_ROWS = IMAGE_COLS = 28
+IMAGE_ROWS = IMAGE_COLS = IMAGE_SIDE
 NUM_CLASSES = 10
 _UBYTE = 0x08
 # File stems of the four files, as distributed (and as tfds' mnist builder names them).

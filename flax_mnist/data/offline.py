@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flax_mnist import idx
+from flax_mnist.data import idx
 
 
 def _examples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, dict]]:

@@ -1,13 +1,12 @@
-"""Classifies image files (PNG, JPEG, ... any size or colour mode) with a trained model."""
+"""Image files (PNG, JPEG, ... any size or colour mode) read as the model's input, for predict."""
 
 import glob
 import pathlib
-import sys
 
-import jax
 import numpy as np
 
 from flax_mnist.errors import FlaxMnistError
+from flax_mnist.geometry import IMAGE_SIDE
 
 
 class ImageError(FlaxMnistError):
@@ -38,8 +37,8 @@ def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
   except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
     raise ImageError(f'{path}: not a readable image ({type(e).__name__}); pass PNG or JPEG '
                      'files.') from None
-  if gray.size != (28, 28):
-    gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+  if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
+    gray = gray.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS)
   pixels = np.asarray(gray, np.float32) / 255.0
   return 1.0 - pixels if invert else pixels
 
@@ -55,33 +54,3 @@ def check_any_readable(paths: list[pathlib.Path], invert: bool = False) -> None:
       errors.append(e)
   more = f' ({len(errors) - 1} more files are not images either)' if len(errors) > 1 else ''
   raise ImageError(f'{errors[0]}{more}')
-
-
-def classify(model, images: np.ndarray) -> np.ndarray:
-  """Class probabilities (N, classes) for (N, 28, 28) images in [0, 1]."""
-  return np.asarray(jax.nn.softmax(model(images.reshape(len(images), -1))))
-
-
-def _print_error(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
-def classify_files(model, paths: list[pathlib.Path], invert: bool = False, report=print,
-                   report_error=_print_error) -> int:
-  """Reports 'file: digit (probability)' per file; unreadable files get one error line each.
-
-  Returns the number of files that could not be classified.
-  """
-  images, readable, failures = [], [], 0
-  for path in paths:
-    try:
-      images.append(load_image(path, invert))
-      readable.append(path)
-    except ImageError as e:
-      report_error(f'error: {e}')
-      failures += 1
-  if images:
-    probabilities = classify(model, np.stack(images))
-    for path, p in zip(readable, probabilities):
-      report(f'{path}: {int(p.argmax())} ({float(p.max()):.4f})')
-  return failures

@@ -6,6 +6,10 @@ background queue) and flushed at the end of every epoch, before its checkpoint i
 checkpoint never exists without its events. The checkpoint is the truth: on start, events a
 killed run wrote past the newest checkpoint are cut from the old files, and a restart marker
 (TensorBoard's purge) hides them from a TensorBoard that had already loaded them.
+
+Hand-written over tensorboardX's event writer rather than clu's metric writers: clu's
+TensorBoard writer goes through TensorFlow's tf.summary (which the run path is to shed), and
+neither library cuts events past a step, which exact resume needs.
 """
 
 import os
@@ -14,6 +18,8 @@ import struct
 
 import jax
 import numpy as np
+
+from flax_mnist import distributed
 
 LOG_DIR = 'tensorboard'
 EPOCH_TAGS = ('loss', 'accuracy', 'val_loss', 'val_accuracy', 'samples_per_second')
@@ -39,7 +45,7 @@ class MetricWriter:
 
   def __init__(self, workdir, start_step: int, log_every_steps: int,
                enabled: bool | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.enabled = distributed.is_main() if enabled is None else enabled
     self.log_every_steps = log_every_steps
     self.logdir = pathlib.Path(workdir) / LOG_DIR
     self._events = None
@@ -105,16 +111,15 @@ class StepLog:
   def record(self, index: int, metrics) -> None:
     """Logs step `index`'s metrics if it is a logged step."""
     if self.wants(index):
-      count = float(metrics['count'])
+      loss, accuracy = metrics.means()
       self.writer.write_scalars(self.first_step + index, {
-          step_tag('loss'): float(metrics['loss_sum']) / count,
-          step_tag('accuracy'): float(metrics['correct']) / count})
+          step_tag('loss'): loss, step_tag('accuracy'): accuracy})
 
-  def record_all(self, per_step) -> None:
-    """Logs from metrics stacked over the epoch's steps (arrays of shape (steps,))."""
-    per_step = {k: np.asarray(v) for k, v in per_step.items()}
-    for index in range(1, len(per_step['count']) + 1):
-      self.record(index, {k: v[index - 1] for k, v in per_step.items()})
+  def record_all(self, per_step, start: int = 0) -> None:
+    """Logs from metric sums stacked over steps start+1, start+2, ... of the epoch (a
+    MetricSums of (steps,) arrays)."""
+    for offset in range(len(np.asarray(per_step.count))):
+      self.record(start + offset + 1, jax.tree.map(lambda v, i=offset: v[i], per_step))
 
 
 def _records(data: bytes):

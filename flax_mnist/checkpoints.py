@@ -25,14 +25,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flax_mnist import schema
 from flax_mnist.errors import FlaxMnistError
-
-# Fields that may change between a checkpoint and the run that resumes or evaluates it: they do
-# not change the model or what training computes. Every other field must match.
-MAY_DIFFER = frozenset({'num_epochs', 'data_dir', 'idx_dir', 'progress_bar', 'eval_batch_size',
-                        'eval_split', 'conv_impl', 'micro_batch_size', 'keep_checkpoints',
-                        'init_from', 'device_data', 'log_every_steps', 'distributed',
-                        'coordinator_address', 'num_processes', 'process_id'})
 
 
 class CheckpointError(FlaxMnistError):
@@ -74,18 +68,6 @@ class _WithoutOrbaxLogs(logging.Filter):
 
 def _warn(text: str) -> None:
   print(f'warning: {text}', file=sys.stderr, flush=True)
-
-
-# Fields added since checkpoints were first written, with the value older checkpoints imply.
-_ADDED_FIELDS = {'dtype': 'float32'}
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """'field: saved -> current' for every field (outside MAY_DIFFER) whose values differ."""
-  saved = {**_ADDED_FIELDS, **saved}
-  names = sorted((set(saved) | set(current)) - MAY_DIFFER)
-  return [f'{n}: {saved.get(n, "(absent)")!r} -> {current.get(n, "(absent)")!r}'
-          for n in names if saved.get(n) != current.get(n)]
 
 
 class Checkpoints:
@@ -163,7 +145,7 @@ class Checkpoints:
       meta = self.read_meta(step)
     except Exception as e:  # Whatever orbax, JSON or TensorStore raise on damaged files.
       raise self._unreadable(step, e) from e
-    differences = config_differences(meta.get('config', {}), config)
+    differences = schema.resume_differences(meta.get('config', {}), config)
     if differences:
       raise CheckpointError(
           f'{self.directory} holds checkpoints of another config ({"; ".join(differences)}); '
@@ -217,7 +199,10 @@ class Checkpoints:
 
 
 def _remove_incomplete(directory: pathlib.Path) -> None:
-  """Deletes the temporary folders of saves that a kill cut short (never complete checkpoints)."""
+  """Deletes the temporary folders of saves that a kill cut short (never complete checkpoints).
+
+  Not orbax's cleanup_tmp_directories: that runs in a background future, unseen, while this
+  finishes before the folder is used and tells the user what was removed."""
   if not directory.is_dir() or jax.process_index():
     return
   for path in sorted(directory.glob(f'*{ocp.utils.TMP_DIR_SUFFIX}*')):

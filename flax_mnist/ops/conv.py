@@ -9,9 +9,9 @@ saved patches with the output gradient, and the input gradient is XLA's own conv
 padded output gradient with the flipped kernel, which on CPU beats im2col's pads and adds.
 'winograd' (flax_mnist/winograd.py) multiplies 4x (3x3) to 6.25x (5x5) fewer numbers; on CPU
 it is the fastest for layers with several input channels (conv2), im2col_vjp for the 1-channel
-first layer (measured, benchmarks/RESULTS.md). On GPU the native (cuDNN) convolution is the
-better choice, except for a 1-channel input (the first layer), whose 9-channel im2col matmul
-beats cuDNN (measured on an H100, benchmarks/RESULTS.md); on TPU the native one.
+first layer. On GPU the native (cuDNN) convolution is the better choice, except for a
+1-channel input (the first layer), whose 9-channel im2col matmul beats cuDNN; on TPU the native
+one. Which runs where is decided by flax_mnist/plan.py (measurements: benchmarks/RESULTS.md).
 """
 
 import functools
@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_mnist import winograd
+from flax_mnist.ops import winograd
 
-IMPLEMENTATIONS = ('auto', 'im2col', 'im2col_vjp', 'winograd', 'xla')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -107,24 +106,5 @@ def im2col_vjp_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   return _conv_vjp(lhs, rhs, precision, preferred_element_type)
 
 
-def resolve(conv_impl: str, backend: str | None = None, in_features: int | None = None,
-            kernel_size: int | None = None, dtype: str = 'float32') -> str:
-  """Maps 'auto' to the fastest implementation on `backend` (default: JAX's default backend)
-  for a layer of `in_features` input channels and `kernel_size` (None: any)."""
-  if conv_impl != 'auto':
-    return conv_impl
-  backend = backend or jax.default_backend()
-  if backend == 'cpu':
-    wide = in_features is None or in_features > 1
-    winograd_fits = wide and dtype == 'float32' and kernel_size in winograd.KERNEL_SIZES
-    return 'winograd' if winograd_fits else 'im2col_vjp'
-  return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
-
-
-def conv_function(conv_impl: str, in_features: int | None = None,
-                  kernel_size: int | None = None, dtype: str = 'float32'):
-  """Returns the conv_general_dilated-compatible function for conv_impl (after resolve) for a
-  layer of `in_features` input channels and `kernel_size`."""
-  return {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
-          'winograd': winograd.winograd_conv, 'xla': lax.conv_general_dilated}[
-              resolve(conv_impl, in_features=in_features, kernel_size=kernel_size, dtype=dtype)]
+FUNCTIONS = {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
+             'winograd': winograd.winograd_conv, 'xla': lax.conv_general_dilated}

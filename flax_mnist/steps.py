@@ -1,4 +1,4 @@
-"""The training state and the pure, jit-compiled train and eval steps."""
+"""The training state, the metric sums, and the pure, jit-compiled train and eval steps."""
 
 from typing import Any
 
@@ -8,16 +8,34 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flax_mnist import conv, keras_import, model as model_lib
-from flax_mnist import parallel
+from flax_mnist import model as model_lib
+from flax_mnist import sharding
 
-# Bytes of conv2 im2col patches per micro-batch and device on CPU, per implementation: small
-# enough for the cache. Measured here: im2col fastest at 10 examples for k=3 and 5 for k=5
-# (benchmarks/RESULTS.md); im2col_vjp, whose backward keeps fewer temporaries, at 20 and 10.
-_CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
-# Winograd's conv2: examples per micro-batch and device on CPU (fastest measured at k=3 and
-# k=5: 50, against 20, 25 and 100; benchmarks/RESULTS.md).
-_CPU_WINOGRAD_EXAMPLES = 50
+
+@flax.struct.dataclass
+class MetricSums:
+  """Summed loss, correct predictions and example count: added over micro-batches, steps and
+  devices exactly, and divided only once, by `means`."""
+  loss_sum: jax.Array
+  correct: jax.Array
+  count: jax.Array
+
+  def __add__(self, other: 'MetricSums') -> 'MetricSums':
+    return jax.tree.map(jnp.add, self, other)
+
+  def means(self) -> tuple[float, float]:
+    """(mean loss, accuracy), read to the host."""
+    sums = jax.device_get(self)
+    count = float(sums.count)
+    return float(sums.loss_sum) / count, float(sums.correct) / count
+
+  def to_json(self) -> dict:
+    """Plain floats (float32 values round-trip exactly through JSON)."""
+    return {k: float(v) for k, v in vars(jax.device_get(self)).items()}
+
+  @classmethod
+  def from_json(cls, values: dict) -> 'MetricSums':
+    return cls(**{k: jnp.float32(values[k]) for k in ('loss_sum', 'correct', 'count')})
 
 
 @flax.struct.dataclass
@@ -35,17 +53,18 @@ def make_optimizer(config) -> optax.GradientTransformation:
                     eps=config.adam_eps)
 
 
-def create(config, keras_weights: str = '') -> tuple[nnx.GraphDef, TrainState,
-                                                    optax.GradientTransformation]:
+def create(config, plan, keras_weights: str = '') -> tuple[nnx.GraphDef, TrainState,
+                                                          optax.GradientTransformation]:
   """Builds the model and returns (graphdef, state, optimizer).
 
   Weights are Keras' initializers drawn from config.seed, or read from the Keras .h5 file
   `keras_weights` when given.
   """
   params_key, dropout_root = jax.random.split(jax.random.key(config.seed))
-  model = model_lib.CNN(config, rngs=nnx.Rngs(params=params_key))
+  model = model_lib.CNN(config, plan, rngs=nnx.Rngs(params=params_key))
   if keras_weights:
-    keras_import.load_weights(model, keras_weights)
+    from flax_mnist.keras import weights
+    weights.load_weights(model, keras_weights)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -64,11 +83,10 @@ def _loss_and_logits(params, graphdef, images, labels, dropout_keys=None):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels), logits
 
 
-def _metric_sums(losses, logits, labels, mask=None):
+def _metric_sums(losses, logits, labels, mask=None) -> MetricSums:
   mask = jnp.ones_like(losses) if mask is None else mask
-  return {'loss_sum': (losses * mask).sum(),
-          'correct': ((logits.argmax(-1) == labels) * mask).sum(),
-          'count': mask.sum()}
+  return MetricSums(loss_sum=(losses * mask).sum(),
+                    correct=((logits.argmax(-1) == labels) * mask).sum(), count=mask.sum())
 
 
 def split_micro_batches(x: jax.Array, num: int) -> jax.Array:
@@ -129,42 +147,17 @@ def eval_step(graphdef, num_micro_batches, params, images, labels, mask):
   return _sum_over_micro_batches(sums, num_micro_batches, images, labels, mask)
 
 
-def micro_batch_counts(config, device_count: int) -> tuple[int, int]:
-  """How many micro-batches the (train, eval) steps split their batches into."""
-  size = micro_batch_size(config, device_count)
-  return max(config.batch_size // size, 1), max(config.eval_batch_size // size, 1)
+def jit_train_step(graphdef, tx, mesh, plan):
+  """train_step for `mesh`: batches split over devices, state replicated (and donated)."""
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(
+      lambda state, x, y: train_step(graphdef, tx, plan.train_micro_batches, state, x, y),
+      in_shardings=(rep, data, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
-def micro_batch_size(config, device_count: int, backend: str | None = None) -> int:
-  """config.micro_batch_size, or for 0 (auto) on CPU, per device: with winograd,
-  _CPU_WINOGRAD_EXAMPLES; with im2col, as many examples as keep conv2's patches within
-  _CPU_PATCH_BYTES; elsewhere the whole batch. Always divides both batch sizes and is a
-  multiple of the device count."""
-  if config.micro_batch_size:
-    return config.micro_batch_size
-  backend = backend or jax.default_backend()
-  impl = conv.resolve(config.conv_impl, backend, config.conv1_features, config.kernel_size,
-                      config.dtype)
-  if backend != 'cpu' or impl not in (*_CPU_PATCH_BYTES, 'winograd'):
-    return config.batch_size
-  if impl == 'winograd':
-    per_device = _CPU_WINOGRAD_EXAMPLES
-  else:
-    side = 28 - 2 * (config.kernel_size - 1)
-    patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
-    per_device = max(_CPU_PATCH_BYTES[impl] // patch_bytes, 1)
-  target = per_device * device_count
-  fits = [m for m in range(device_count, target + 1, device_count)
-          if config.batch_size % m == 0 and config.eval_batch_size % m == 0]
-  return max(fits) if fits else config.batch_size
-
-
-def jit_steps(graphdef, tx, mesh, config):
-  """Returns (train_step, eval_step) compiled for `mesh`: batches split, state replicated."""
-  rep, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  train_chunks, eval_chunks = micro_batch_counts(config, mesh.size)
-  train = jax.jit(lambda state, x, y: train_step(graphdef, tx, train_chunks, state, x, y),
-                  in_shardings=(rep, data, data), out_shardings=(rep, rep), donate_argnums=0)
-  evaluate = jax.jit(lambda params, x, y, m: eval_step(graphdef, eval_chunks, params, x, y, m),
-                     in_shardings=(rep, data, data, data), out_shardings=rep)
-  return train, evaluate
+def jit_eval_step(graphdef, mesh, plan):
+  """eval_step for `mesh`: batches split over devices, params replicated."""
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(
+      lambda params, x, y, m: eval_step(graphdef, plan.eval_micro_batches, params, x, y, m),
+      in_shardings=(rep, data, data, data), out_shardings=rep)

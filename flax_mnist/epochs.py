@@ -1,0 +1,160 @@
+"""The two epoch engines, behind one interface: `engine.run(state, epoch, progress, resume)`
+returns (state, MetricSums) for epoch `epoch`.
+
+- HostFed: one jit step per batch, batches built on the host. One step stays in flight: after
+  dispatching step i the host reads step i-1's metrics, so the device never idles and the
+  progress bar and TensorBoard show real progress with no per-step stall. Ctrl-C stops it
+  before any step (interrupt.StoppedMidEpoch).
+- DeviceResident: the split lives on the devices and an epoch is one `lax.scan`: for
+  accelerators, where a step takes microseconds and a host round trip per step would dominate.
+  Its batch order is the host path's (seed, epoch) permutation gathered on the device, so both
+  engines train on the same batches and give the same numbers. A stop takes effect at the
+  epoch's end.
+
+Both compile ahead of time in `build`, including the remainder of an epoch that a resumed
+checkpoint had cut short, so nothing compiles while training runs.
+"""
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import numpy as np
+
+from flax_mnist import geometry, interrupt, sharding
+from flax_mnist import steps as steps_lib
+from flax_mnist.data import batches
+from flax_mnist.reporting import console
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """Where an epoch cut short stopped: after `batches` batches, with the sums so far."""
+  epoch: int
+  batches: int
+  sums: steps_lib.MetricSums | None
+
+  @classmethod
+  def from_meta(cls, partial: dict | None) -> 'Resume | None':
+    """From a checkpoint's 'partial' record (None after a whole epoch)."""
+    if not partial:
+      return None
+    sums = partial['sums']
+    return cls(partial['epoch'], partial['batches'],
+               None if sums is None else steps_lib.MetricSums.from_json(sums))
+
+
+@dataclasses.dataclass
+class Progress:
+  """What an epoch reports to while it runs: the bar, and TensorBoard's per-step log."""
+  bar: console.ProgressBar
+  step_log: object = None  # reporting.tensorboard.StepLog, or None.
+
+
+def _add(total, sums):
+  return sums if total is None else total + sums
+
+
+def batch_specs(mesh, size: int, *dtypes) -> list[jax.ShapeDtypeStruct]:
+  """Abstract (images, labels[, mask]) batches of `size`, split over the mesh's devices."""
+  data = sharding.batch_sharded(mesh)
+  shapes = [(size, *geometry.IMAGE_SHAPE)] + [(size,)] * (len(dtypes) - 1)
+  return [jax.ShapeDtypeStruct(s, d, sharding=data) for s, d in zip(shapes, dtypes)]
+
+
+class HostFed:
+  """Epochs of host-built batches, one compiled train step each."""
+
+  def __init__(self, graphdef, tx, state, mesh, plan, config, split: batches.Split):
+    self.mesh, self.config, self.split = mesh, config, split
+    self.step = steps_lib.jit_train_step(graphdef, tx, mesh, plan).lower(
+        state, *batch_specs(mesh, config.batch_size, np.uint8, np.int32)).compile()
+
+  def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):
+    first, total = (0, None) if resume is None else (resume.batches, resume.sums)
+    previous, done = None, first
+    config, bar, log = self.config, progress.bar, progress.step_log
+    epoch_batches = batches.train_batches(
+        self.split, config.batch_size, config.seed, epoch,
+        sharding.process_rows(self.mesh, config.batch_size))
+    for done, (images, labels) in enumerate(itertools.islice(epoch_batches, first, None),
+                                            start=first + 1):
+      if interrupt.requested():
+        raise interrupt.StoppedMidEpoch(state, epoch, done - 1, total)
+      state, metrics = self.step(state, *sharding.put_batch(self.mesh, images, labels))
+      total = _add(total, metrics)
+      if previous is not None:
+        bar.update(done - 1, previous.means()[0] if bar.enabled else None)
+        if log is not None:
+          log.record(done - 1, previous)
+      previous = metrics
+    if log is not None and previous is not None:
+      log.record(done, previous)
+    bar.update(bar.total)
+    bar.close()
+    return state, total
+
+
+def epoch_rows(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """(steps, batch_size) example indices: the host path's batches of this epoch."""
+  steps = batches.steps_per_epoch(num_examples, batch_size)
+  order = batches.epoch_order(num_examples, seed, epoch)
+  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def _scan_epoch(graphdef, tx, mesh, plan):
+  """jit(state, images, labels, rows) -> (state, (sums, per-step sums)): the steps of `rows`
+  as one lax.scan; per-step sums are stacked (steps,) arrays, for logging every N steps."""
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+  def epoch(state, images, labels, rows):
+    def body(state, batch_rows):
+      x = jax.lax.with_sharding_constraint(images[batch_rows], data)
+      y = jax.lax.with_sharding_constraint(labels[batch_rows], data)
+      return steps_lib.train_step(graphdef, tx, plan.train_micro_batches, state, x, y)
+    # Two steps per loop iteration: faster on GPU (benchmarks/RESULTS.md); same maths.
+    state, per_step = jax.lax.scan(body, state, rows, unroll=2)
+    return state, (jax.tree.map(lambda m: m.sum(0), per_step), per_step)
+  return jax.jit(epoch, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep),
+                 donate_argnums=0)
+
+
+class DeviceResident:
+  """Epochs as one device call each, over the split held (replicated) on every device."""
+
+  def __init__(self, graphdef, tx, state, mesh, plan, config, split: batches.Split,
+               resume: Resume | None = None):
+    self.config, self.num_examples = config, len(split)
+    self.split = jax.device_put((split.images, split.labels), sharding.replicated(mesh))
+    scan = _scan_epoch(graphdef, tx, mesh, plan)
+    steps = batches.steps_per_epoch(len(split), config.batch_size)
+    lengths = {steps} | ({steps - resume.batches} if resume else set())
+    self.compiled = {n: scan.lower(state, *self.split, jax.ShapeDtypeStruct(
+        (n, config.batch_size), np.int32)).compile() for n in lengths if n > 0}
+
+  @functools.lru_cache(maxsize=2)
+  def _rows(self, epoch: int) -> jax.Array:
+    rows = epoch_rows(self.num_examples, self.config.batch_size, self.config.seed, epoch)
+    return jax.device_put(rows, self.split[0].sharding)  # Replicated, on every process.
+
+  def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):
+    first, total = (0, None) if resume is None else (resume.batches, resume.sums)
+    rows = self._rows(epoch)
+    rows = rows[first:] if first else rows
+    if len(rows):
+      state, (sums, per_step) = self.compiled[len(rows)](state, *self.split, rows)
+      self._rows(epoch + 1)  # Host work hidden behind the device's epoch.
+      per_step = jax.device_get(per_step)
+      if progress.step_log is not None:
+        progress.step_log.record_all(per_step, start=first)
+      total = _add(total, sums)
+    progress.bar.close()  # Nothing to draw: the epoch is a single device call.
+    return state, total
+
+
+def build(graphdef, tx, state, mesh, plan, config, split, resume: Resume | None = None):
+  """The plan's engine for `split`, compiled for `state`'s layout."""
+  if plan.device_data:
+    return DeviceResident(graphdef, tx, state, mesh, plan, config, split, resume)
+  return HostFed(graphdef, tx, state, mesh, plan, config, split)

@@ -1,0 +1,186 @@
+"""The training loop: config -> plan -> data -> state -> epochs -> metrics and checkpoints.
+
+Every epoch ends with a validation pass, a Keras-style line, a row in metrics.jsonl and an
+orbax checkpoint. Running the same command again resumes from the newest checkpoint, exactly:
+data order depends only on (seed, epoch) and dropout keys only on (seed, step).
+"""
+
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from flax_mnist import checkpoints as checkpoints_lib
+from flax_mnist import distributed, epochs, interrupt, model as model_lib, sharding
+from flax_mnist import plan as plan_lib
+from flax_mnist import steps as steps_lib
+from flax_mnist.data import batches, tfds_source
+from flax_mnist.errors import FlaxMnistError
+from flax_mnist.keras import export as keras_export
+from flax_mnist.reporting import console, jsonl, report, tensorboard
+from flax_mnist.reporting.console import say
+
+
+def nnx_model(graphdef, state) -> model_lib.CNN:
+  """The NNX module holding `state`'s parameters (for summaries, export and prediction)."""
+  return nnx.merge(graphdef, state.params)
+
+
+def compile_eval(graphdef, state, mesh, plan, config):
+  """The eval step, compiled ahead of time for config.eval_batch_size."""
+  return steps_lib.jit_eval_step(graphdef, mesh, plan).lower(state.params, *epochs.batch_specs(
+      mesh, config.eval_batch_size, np.uint8, np.int32, np.float32)).compile()
+
+
+def evaluate(evaluate_step, params, mesh, split, batch_size) -> tuple[float, float]:
+  """(loss, accuracy) over every example of `split`, padded batches masked out."""
+  total = None
+  rows = sharding.process_rows(mesh, batch_size)
+  for images, labels, mask in batches.eval_batches(split, batch_size, rows):
+    sums = evaluate_step(params, *sharding.put_batch(mesh, images, labels, mask))
+    total = sums if total is None else total + sums
+  return total.means()
+
+
+def initial_state(config, plan, mesh, checkpoints):
+  """(graphdef, state, optimizer, epoch, history, resume): from the newest readable checkpoint
+  when there is one, else fresh (Keras initializers, or config.init_from's weights). `resume`
+  says where an epoch that Ctrl-C cut short stopped (None after a whole epoch)."""
+  latest = checkpoints.latest_step()
+  graphdef, state, tx = steps_lib.create(config, plan,
+                                         keras_weights='' if latest else config.init_from)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  if latest is None:
+    if config.init_from:
+      say(f'Starting from the weights in {config.init_from}')
+    return graphdef, state, tx, 0, [], None
+  state, meta = checkpoints.restore_newest_readable(state, config.to_dict())
+  resume = epochs.Resume.from_meta(meta.get('partial'))
+  within = f' and {resume.batches} batches of epoch {resume.epoch}' if resume else ''
+  say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)}{within} "
+      f'({checkpoints.directory})')
+  return graphdef, state, tx, meta['epoch'], meta['history'], resume
+
+
+def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) -> list[dict]:
+  """Trains (or resumes) config's model, validating after every epoch; returns the metrics.
+
+  `plan` defaults to plan.decide(config) (main passes the one it printed)."""
+  plan = plan or plan_lib.decide(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh()
+  with (checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints,
+        interrupt.catch_sigint()):
+    graphdef, state, tx, epoch, history, resume = initial_state(config, plan, mesh, checkpoints)
+    if distributed.is_main():
+      jsonl.rewrite(workdir / jsonl.METRICS_FILE, history)
+    if epoch >= config.num_epochs:
+      say(f'Already finished: epoch {epoch}/{config.num_epochs} in {workdir}; nothing to do '
+          '(raise --config.num_epochs to train on).')
+      return history
+    run = _Run(config, plan, workdir, mesh, checkpoints, graphdef, tx)
+    return run.epochs(state, epoch, history, resume)
+
+
+class TrainingDiverged(FlaxMnistError):
+  """The loss became NaN or infinite."""
+
+
+class _Run:
+  """One training run's fixed parts; `epochs` trains from a (restored) state to the end."""
+
+  def __init__(self, config, plan, workdir, mesh, checkpoints, graphdef, tx):
+    self.config, self.plan, self.workdir, self.mesh = config, plan, workdir, mesh
+    self.checkpoints, self.graphdef, self.tx = checkpoints, graphdef, tx
+
+  def meta(self, epoch: int, history: list[dict], **extra) -> dict:
+    return dict(epoch=epoch, config=self.config.to_dict(), plan=self.plan.to_dict(),
+                history=history, **extra)
+
+  def epochs(self, state, epoch: int, history: list[dict], resume: epochs.Resume | None):
+    config, mesh = self.config, self.mesh
+    with distributed.main_process_first('load_data'):  # Process 0 prepares a shared data_dir.
+      train_split = tfds_source.load_split(config, config.train_split)
+      eval_split = tfds_source.load_split(config, config.eval_split)
+    if not history:
+      say(model_lib.summary(config, nnx_model(self.graphdef, state)))
+    start = time.perf_counter()
+    evaluate_step = compile_eval(self.graphdef, state, mesh, self.plan, config)
+    engine = epochs.build(self.graphdef, self.tx, state, mesh, self.plan, config, train_split,
+                          resume)
+    steps = batches.steps_per_epoch(len(train_split), config.batch_size)
+    num_samples = steps * config.batch_size
+    say(f'Compiled in {time.perf_counter() - start:.1f}s. Train on {num_samples} samples, '
+        f'validate on {len(eval_split)} samples')
+    writer = tensorboard.MetricWriter(self.workdir, int(state.step), config.log_every_steps)
+    for epoch in range(epoch + 1, config.num_epochs + 1):
+      if interrupt.requested():  # Between epochs: the last one's checkpoint is saved.
+        self.stop(state, history)
+      start = time.perf_counter()
+      first_step = int(state.step) - (resume.batches if resume else 0)
+      progress = epochs.Progress(
+          console.ProgressBar(steps, enabled=config.progress_bar and distributed.is_main()),
+          writer.step_log(first_step))
+      try:
+        state, sums = engine.run(state, epoch, progress, resume)
+      except interrupt.StoppedMidEpoch as stop:
+        writer.flush()  # The steps logged so far, up to the checkpoint that `stop` saves.
+        self.stop(stop.state, history, stop)
+      resume = None
+      loss, accuracy = sums.means()
+      train_seconds = time.perf_counter() - start
+      val_loss, val_accuracy = evaluate(evaluate_step, state.params, mesh, eval_split,
+                                        config.eval_batch_size)
+      row = dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
+                 val_accuracy=val_accuracy, seconds=time.perf_counter() - start,
+                 samples_per_second=num_samples / train_seconds)
+      self.check_finite(row)
+      history = history + [row]
+      writer.write_epoch(int(state.step), row)  # Flushed before the checkpoint that keeps it.
+      self.checkpoints.save(int(state.step), state, self.meta(epoch, history), val_accuracy)
+      say(console.epoch_line(row, config.num_epochs, num_samples))
+      if distributed.is_main():
+        jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
+    writer.close()
+    self.finish(state, eval_split, history)
+    return history
+
+  def finish(self, state, eval_split, history) -> None:
+    """The seed's keras_cnn.h5 and the report's plots."""
+    if distributed.is_main():
+      path = keras_export.export_h5(nnx_model(self.graphdef, state), self.config,
+                                    self.workdir / keras_export.EXPORT_NAME)
+      say(f'Saved the Keras model to {path}')
+    report.write_report(self.graphdef, state.params, self.mesh, self.config, eval_split,
+                        history, self.workdir)
+
+  def check_finite(self, row: dict) -> None:
+    if all(math.isfinite(row[k]) for k in ('loss', 'val_loss')):
+      return
+    kept = self.checkpoints.latest_step()
+    raise TrainingDiverged(
+        f"training diverged in epoch {row['epoch']} (loss {row['loss']}, val_loss "
+        f"{row['val_loss']}); nothing was saved for it, "
+        + (f'the newest checkpoint (step {kept}) is intact' if kept
+           else 'no checkpoint exists yet') + '. Lower --config.learning_rate.')
+
+  def stop(self, state, history, stop: interrupt.StoppedMidEpoch | None = None):
+    """On Ctrl-C: saves the state of an epoch cut short (`stop`), then raises Interrupted."""
+    step = int(state.step)
+    if stop is not None and step and step not in self.checkpoints.steps():
+      sums = None if stop.sums is None else stop.sums.to_json()
+      partial = dict(epoch=stop.epoch, batches=stop.batches, sums=sums)
+      self.checkpoints.save(step, state, self.meta(stop.epoch - 1, history, partial=partial),
+                            None)
+    if not step:
+      raise interrupt.Interrupted('interrupted before the first step; nothing to save. Run the '
+                                  'same command again to start.')
+    where = f' (epoch {stop.epoch}, batch {stop.batches})' if stop and stop.batches else ''
+    raise interrupt.Interrupted(
+        f'interrupted at step {step}{where}; its checkpoint is in '
+        f'{self.checkpoints.directory}. Run the same command again to resume exactly where it '
+        'stopped.')

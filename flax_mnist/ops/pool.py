@@ -1,0 +1,80 @@
+"""Keras' ReLU then MaxPool2D(2), as one op with TensorFlow's gradient, and as plain JAX.
+
+Written by hand (not nnx.max_pool) for the CPU: reduce_window's gradient is a select-and-scatter
+that cost a third of a CPU train step, and XLA's CPU max may drop a NaN that a diverged run must
+show. Which of the two variants runs is the plan's choice (flax_mnist/plan.py).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """Keras' MaxPool2D(2) on NHWC with even sides, as a reshape and a max; NaN if a window holds
+  one (XLA's CPU max may skip NaN, and a diverged run must show it).
+
+  Same values as a reduce_window max pool, but its gradient is elementwise (XLA fuses it),
+  where reduce_window's gradient is a select-and-scatter that costs a third of a CPU step.
+  """
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return jnp.where(jnp.isnan(windows).any(axis=(2, 4)), jnp.nan, windows.max(axis=(2, 4)))
+
+
+def _first_max_position(x: jax.Array, pooled: jax.Array) -> jax.Array:
+  """int32 (n, h/2, w/2, c): which of each 2x2 window's positions (row-major 0..3) holds its
+  first maximum, or 4 where the maximum is <= 0 (the ReLU passes no gradient there)."""
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  position = jnp.full(pooled.shape, 4, jnp.int32)
+  for index in (3, 2, 1, 0):  # Last to first, so the first maximum wins.
+    i, j = divmod(index, 2)
+    position = jnp.where(windows[:, :, i, :, j] == pooled, jnp.int32(index), position)
+  return jnp.where(pooled > 0, position, jnp.int32(4))
+
+
+def _relu_keeping_nan(x: jax.Array) -> jax.Array:
+  # Not jnp.maximum(x, 0): XLA's CPU max may return 0 for NaN.
+  return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+
+
+@jax.custom_vjp
+def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
+  """relu(max_pool_2x2(x)): equal to Keras' ReLU then MaxPool2D(2) (ReLU is monotonic), with
+  the gradient of TensorFlow's max pool: all of it to the first maximum of each window.
+
+  Pooling first makes the ReLU 4x smaller, and the backward pass keeps only each window's
+  int32 position of its maximum instead of the layer's input: one select, where autodiff of a
+  max compares the saved input again and counts ties with an extra reduction.
+  """
+  return _relu_keeping_nan(max_pool_2x2(x))
+
+
+def _relu_max_pool_fwd(x):
+  pooled = max_pool_2x2(x)
+  return _relu_keeping_nan(pooled), (_first_max_position(x, pooled), jnp.zeros((0,), x.dtype))
+
+
+def _relu_max_pool_bwd(residuals, dy):
+  position, x_dtype = residuals
+  n, h, w, c = position.shape
+  slots = lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 2, 1), 2) * 2 + lax.broadcasted_iota(
+      jnp.int32, (1, 1, 2, 1, 2, 1), 4)
+  dx = jnp.where(position[:, :, None, :, None] == slots, dy[:, :, None, :, None], 0)
+  return (dx.reshape(n, 2 * h, 2 * w, c).astype(x_dtype.dtype),)
+
+
+relu_max_pool_2x2.defvjp(_relu_max_pool_fwd, _relu_max_pool_bwd)
+
+
+def relu_then_max_pool_2x2(x: jax.Array) -> jax.Array:
+  """ReLU then max_pool_2x2, differentiated by JAX: the same values as relu_max_pool_2x2.
+
+  For bfloat16, where the hand-written gradient made a device-resident GPU epoch slower
+  (benchmarks/RESULTS.md).
+  """
+  return max_pool_2x2(_relu_keeping_nan(x))
+
+
+VARIANTS = {'fused': relu_max_pool_2x2, 'autodiff': relu_then_max_pool_2x2}

@@ -1,0 +1,119 @@
+"""The run plan: every 'auto' in the config decided once, from the backend and device count.
+
+`decide` runs once per process, after jax.distributed starts and before anything is built; its
+frozen `Plan` is printed as one line, passed to the model, the steps and the epoch engine, and
+stored in each checkpoint's metadata. No other module asks JAX which backend it runs on. The
+policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
+
+- conv: on CPU, Winograd F(4x4, k x k) for layers with several input channels (float32, k = 3
+  or 5), else im2col with a written backward; on GPU im2col for the 1-channel first layer,
+  XLA's (cuDNN) for the rest; XLA's on TPU.
+- micro-batches (CPU only): gradients summed over micro-batches whose activations stay in the
+  cache: 50 examples per device with a Winograd conv2; with im2col, as many as keep conv2's
+  patches within a byte budget. Elsewhere the whole batch.
+- pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient; bfloat16 the same
+  values differentiated by JAX (faster there on GPU).
+- device-resident data: on for GPU/TPU with one process (a step there is too short to feed
+  from the host), off on CPU.
+"""
+
+import dataclasses
+
+from flax_mnist import geometry
+from flax_mnist.errors import ConfigError
+from flax_mnist.ops.winograd import KERNEL_SIZES as WINOGRAD_KERNEL_SIZES
+# Bytes of conv2 im2col patches per micro-batch and device on CPU, per implementation.
+_CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
+_CPU_WINOGRAD_EXAMPLES = 50  # Winograd conv2: examples per micro-batch and device on CPU.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How this run computes: fixed for the run, independent of which process asks."""
+  backend: str
+  devices: int
+  processes: int
+  conv1: str  # Implementation of each convolution (flax_mnist/ops/conv.py).
+  conv2: str
+  pool: str  # 'fused' (written gradient) or 'autodiff'.
+  micro_batch: int  # Global examples per micro-batch.
+  train_micro_batches: int
+  eval_micro_batches: int
+  device_data: bool
+
+  def line(self) -> str:
+    """The one line printed at start."""
+    feed = 'device-resident data' if self.device_data else 'host-fed'
+    hosts = f' on {self.processes} processes' if self.processes > 1 else ''
+    return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
+            f'{self.conv2}, pool {self.pool}, micro-batch {self.micro_batch} '
+            f'({self.train_micro_batches} per train batch, {self.eval_micro_batches} per eval '
+            f'batch), {feed}')
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def conv_impl(config, backend: str, in_features: int) -> str:
+  """config.conv_impl, or for 'auto' the implementation for a layer of `in_features` inputs."""
+  if config.conv_impl != 'auto':
+    return config.conv_impl
+  if backend == 'cpu':
+    winograd_fits = (in_features > 1 and config.dtype == 'float32'
+                     and config.kernel_size in WINOGRAD_KERNEL_SIZES)
+    return 'winograd' if winograd_fits else 'im2col_vjp'
+  return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
+
+
+def micro_batch_size(config, backend: str, devices: int, conv2: str) -> int:
+  """config.micro_batch_size, or for 0 the CPU policy above; always divides both batch sizes
+  and is a multiple of the device count (else the whole batch)."""
+  if config.micro_batch_size:
+    return config.micro_batch_size
+  if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd'):
+    return config.batch_size
+  if conv2 == 'winograd':
+    per_device = _CPU_WINOGRAD_EXAMPLES
+  else:
+    side = geometry.conv_sides(config.kernel_size)[1]
+    patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
+    per_device = max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
+  fits = [m for m in range(devices, per_device * devices + 1, devices)
+          if config.batch_size % m == 0 and config.eval_batch_size % m == 0]
+  return max(fits) if fits else config.batch_size
+
+
+def _check_devices(config, devices: int) -> None:
+  for name in ('batch_size', 'eval_batch_size', 'micro_batch_size'):
+    if config[name] % devices:
+      raise ConfigError(f'config.{name}={config[name]} is not divisible by the {devices} '
+                        f'devices; use a multiple of {devices}.')
+
+
+def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
+  """The plan for `config` on `devices` devices of `backend` over `processes` processes;
+  ConfigError when the config cannot run there."""
+  _check_devices(config, devices)
+  conv1, conv2 = conv_impl(config, backend, 1), conv_impl(config, backend,
+                                                          config.conv1_features)
+  if 'winograd' in (conv1, conv2) and config.kernel_size not in WINOGRAD_KERNEL_SIZES:
+    raise ConfigError(f'config.conv_impl=winograd has no transform for kernel_size='
+                      f'{config.kernel_size} (only '
+                      f'{", ".join(map(str, WINOGRAD_KERNEL_SIZES))}); use conv_impl=auto or '
+                      'im2col_vjp.')
+  micro = micro_batch_size(config, backend, devices, conv2)
+  if config.device_data == 'auto':
+    device_data = backend != 'cpu' and processes == 1
+  else:
+    device_data = config.device_data == 'on'
+  return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
+              pool='fused' if config.dtype == 'float32' else 'autodiff', micro_batch=micro,
+              train_micro_batches=max(config.batch_size // micro, 1),
+              eval_micro_batches=max(config.eval_batch_size // micro, 1),
+              device_data=device_data)
+
+
+def decide(config) -> Plan:
+  """The plan for this process's JAX runtime (call after jax.distributed is initialised)."""
+  import jax
+  return make(config, jax.default_backend(), jax.device_count(), jax.process_count())

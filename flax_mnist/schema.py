@@ -1,0 +1,194 @@
+"""The config schema: every field declared once, with its default, check and meaning.
+
+configs/*.py start from `defaults()`; `validate` checks a config against the schema before
+anything runs; `resume_differences` compares a checkpoint's config with the current one
+(fields marked `resumable` may differ); `--mode=config` prints `describe`; the README's field
+table is `markdown_table()` (tests/test_schema.py keeps them equal). It imports no JAX and no
+kernels, so `--help` and config errors are instant. Choices that depend on the hardware
+('auto') are not decided here but in flax_mnist/plan.py.
+
+  python -m flax_mnist.schema        # prints the README's field table
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from flax_mnist.errors import ConfigError
+from flax_mnist.geometry import IMAGE_SIDE
+
+CONV_IMPLS = ('auto', 'im2col', 'im2col_vjp', 'winograd', 'xla')
+SWITCH = ('auto', 'on', 'off')
+DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field. Its type is its default's; `check` (None: any value of the type) is
+  described by `valid`; `resumable` fields may differ from a checkpoint's config (they change
+  neither the model nor what training computes). A checkpoint written before a field existed
+  is read as if it had the field's default."""
+  name: str
+  default: Any
+  meaning: str
+  check: Callable[[Any], bool] | None = None
+  valid: str = ''
+  resumable: bool = False
+
+  @property
+  def kind(self) -> type:
+    return type(self.default)
+
+
+def _positive(name, default, meaning, **kw):
+  return Field(name, default, meaning, lambda v: v > 0, 'a positive number', **kw)
+
+
+def _rate(name, default, meaning):
+  return Field(name, default, meaning, lambda v: 0 <= v < 1, 'in [0, 1)')
+
+
+def _choice(name, default, choices, meaning, **kw):
+  return Field(name, default, meaning, lambda v: v in choices, f'one of {", ".join(choices)}',
+               **kw)
+
+
+_MAX_KERNEL = (IMAGE_SIDE - 2) // 2 + 1  # Two valid convs and a 2x2 pool must fit the image.
+
+FIELDS = (
+    # Data.
+    Field('dataset', 'mnist', 'tfds dataset of 28x28x1 images with `num_classes` labels '
+          '(`mnist`, `fashion_mnist`, `kmnist`)', bool, 'a tfds dataset name such as mnist'),
+    Field('data_dir', '', "tfds data dir (`''`: tfds' default, `~/tensorflow_datasets`)",
+          resumable=True),
+    Field('idx_dir', '', 'folder of the four IDX files: prepares the dataset offline',
+          resumable=True),
+    Field('train_split', 'train[:55000]', 'split to train on (the seed trains on 55,000 '
+          'images)', bool, "a tfds split such as 'train[:55000]'"),
+    Field('eval_split', 'test', 'split validated on after every epoch (every example, the '
+          'last batch padded and masked)', bool, "a tfds split such as 'test'", resumable=True),
+    # Model: the seed's Keras Sequential, layer for layer.
+    Field('kernel_size', 3, 'conv kernel size (the seed\'s second run: 5)',
+          lambda v: 1 <= v <= _MAX_KERNEL, f'between 1 and {_MAX_KERNEL} (two valid convs and '
+          f'a 2x2 pool must fit in {IMAGE_SIDE}x{IMAGE_SIDE})'),
+    _positive('conv1_features', 32, 'filters of the first convolution'),
+    _positive('conv2_features', 64, 'filters of the second convolution'),
+    _positive('dense_features', 128, 'units of the hidden dense layer'),
+    _rate('conv_dropout', 0.25, 'dropout after the pool (0 disables)'),
+    _rate('dense_dropout', 0.5, 'dropout after the hidden dense layer (0 disables)'),
+    Field('num_classes', 10, 'output classes', lambda v: v > 1, 'an integer above 1'),
+    # How it is computed: speed only, never the maths (beyond float rounding).
+    _choice('conv_impl', 'auto', CONV_IMPLS, 'convolution kernels: `winograd`, `im2col`, '
+            '`im2col_vjp`, `xla`; `auto` picks per layer and backend (printed in the plan)',
+            resumable=True),
+    Field('micro_batch_size', 0, 'examples per micro-batch, gradients summed over them '
+          '(0: auto, printed in the plan)', lambda v: v >= 0, '0 (auto) or a positive integer',
+          resumable=True),
+    _choice('device_data', 'auto', SWITCH, 'keep the training split on the devices, one '
+            '`lax.scan` per epoch (auto: on for GPU/TPU with one process)', resumable=True),
+    _choice('dtype', 'float32', DTYPES, '`bfloat16`: mixed precision (layers in bf16; '
+            'params, optimizer, softmax and loss float32)'),
+    # Optimizer: Keras' Adam defaults.
+    _positive('learning_rate', 1e-3, 'Adam learning rate'),
+    _rate('adam_b1', 0.9, "Adam's beta_1"),
+    _rate('adam_b2', 0.999, "Adam's beta_2"),
+    _positive('adam_eps', 1e-7, "Adam's epsilon (Keras' default, not optax's 1e-8)"),
+    # Training.
+    _positive('batch_size', 500, 'global training batch (split over devices)'),
+    _positive('eval_batch_size', 1000, 'global evaluation batch', resumable=True),
+    _positive('num_epochs', 20, 'epochs to train (raise it to train a finished run on)',
+              resumable=True),
+    Field('seed', 42, 'initialisation, data order (a function of seed and epoch) and dropout',
+          lambda v: v >= 0, 'a non-negative integer'),
+    Field('progress_bar', True, 'draw the in-epoch bar (only on a terminal)', resumable=True),
+    Field('log_every_steps', 10, 'TensorBoard gets the loss and accuracy of every N-th step '
+          '(0: per-epoch metrics only)', lambda v: v >= 0,
+          '0 (off) or a positive number of steps', resumable=True),
+    # Several processes (multi-host).
+    _choice('distributed', 'auto', SWITCH, '`on`: call `jax.distributed.initialize`; `auto`: '
+            'when `coordinator_address` is set or the environment announces a multi-process '
+            'job', resumable=True),
+    Field('coordinator_address', '', "`HOST:PORT` of process 0 (`''`: JAX finds it)",
+          lambda v: not v or v.rpartition(':')[2].isdigit(),
+          "empty or HOST:PORT, e.g. '10.0.0.2:1234'", resumable=True),
+    Field('num_processes', 0, 'number of processes (0: JAX detects it)', lambda v: v >= 0,
+          '0 (detect) or a positive integer', resumable=True),
+    Field('process_id', -1, "this process's index from 0 (-1: JAX detects it)",
+          lambda v: v >= -1, '-1 (detect) or a process index from 0', resumable=True),
+    # Checkpoints and starting weights.
+    _positive('keep_checkpoints', 3, 'newest checkpoints kept (plus the best by val_accuracy)',
+              resumable=True),
+    Field('init_from', '', 'a Keras `.h5` of the same architecture to start from (weights '
+          'only)', lambda v: not v or v.endswith(('.h5', '.hdf5')),
+          'empty or the path of a Keras .h5/.hdf5 file', resumable=True),
+)
+BY_NAME = {f.name: f for f in FIELDS}
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """A config holding every field at its default: the seed notebook's first run."""
+  return ml_collections.ConfigDict({f.name: f.default for f in FIELDS})
+
+
+def _check_type(field: Field, value) -> None:
+  kind = field.kind
+  ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    ok = True
+  if not ok:
+    raise ConfigError(f'config.{field.name}={value!r} must be {kind.__name__}.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line, naming the field and the fix) unless every field is known,
+  present, of its type and valid. Checks that need the devices are the plan's."""
+  unknown = sorted(set(config.keys()) - set(BY_NAME))
+  if unknown:
+    raise ConfigError(f'unknown config field(s) {", ".join(unknown)}; valid fields: '
+                      f'{", ".join(sorted(BY_NAME))}.')
+  missing = sorted(set(BY_NAME) - set(config.keys()))
+  if missing:
+    raise ConfigError(f'config lacks field(s) {", ".join(missing)}; start from '
+                      'flax_mnist.schema.defaults() as configs/base.py does.')
+  for field in FIELDS:
+    value = config[field.name]
+    _check_type(field, value)
+    if field.check is not None and not field.check(value):
+      raise ConfigError(f'config.{field.name}={value!r} is invalid: must be {field.valid}.')
+  if config.num_processes and config.process_id >= config.num_processes:
+    raise ConfigError(f'config.process_id={config.process_id} must be below '
+                      f'config.num_processes={config.num_processes}; number processes from 0.')
+  micro = config.micro_batch_size
+  if micro and (config.batch_size % micro or config.eval_batch_size % micro):
+    raise ConfigError(f'config.micro_batch_size={micro} must divide batch_size='
+                      f'{config.batch_size} and eval_batch_size={config.eval_batch_size}; '
+                      'use a common divisor, or 0 for auto.')
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+  """'field: saved -> current' for every non-resumable field whose values differ; a field the
+  saved config lacks (older than the field) counts as its default."""
+  saved = {**{f.name: f.default for f in FIELDS}, **saved}
+  names = sorted((set(saved) | set(current)) - {f.name for f in FIELDS if f.resumable})
+  return [f'{n}: {saved.get(n, "(absent)")!r} -> {current.get(n, "(absent)")!r}'
+          for n in names if saved.get(n) != current.get(n)]
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field with its value and meaning, one per line (--mode=config)."""
+  width = max(map(len, BY_NAME))
+  return '\n'.join(f'{f.name:<{width}} = {config[f.name]!r:<16} # {f.meaning.replace("`", "")}'
+                   for f in FIELDS)
+
+
+def markdown_table() -> str:
+  """The README's table of fields: name, default, meaning."""
+  rows = ['| field | default | meaning |', '| --- | --- | --- |']
+  rows += [f'| `{f.name}` | `{f.default!r}` | {f.meaning} |' for f in FIELDS]
+  return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+  print(markdown_table())
