@@ -3,7 +3,7 @@
   python benchmarks/accelerator.py --idx_dir=DIR                 # runs + throughput table
   python benchmarks/accelerator.py --idx_dir=DIR --runs=base_bf16 --no_torch
 
-Runs: the real training loop (flax_mnist.train.train_and_evaluate: device-resident data, one
+Runs: the real training loop (flax_mnist.loop.train_and_evaluate: device-resident data, one
 lax.scan per epoch, validation, checkpoint and metrics every epoch) of a named config; reports
 compile time, training time after compile (the sum of the epochs' train passes), wall time of
 the whole call and the final val_accuracy. Throughput: samples/s of whole epochs (55,000
@@ -48,8 +48,8 @@ def load_config(path: str, overrides: dict):
 
 
 def read_idx_splits_if_no_tensorflow(idx_dir: str) -> str:
-  """Makes input_pipeline.load_split read IDX files when TensorFlow is missing; says which."""
-  from flax_mnist import idx, input_pipeline
+  """Makes tfds_source.load_split read IDX files when TensorFlow is missing; says which."""
+  from flax_mnist.data import batches, idx, tfds_source
   if importlib.util.find_spec('tensorflow') is not None:
     return 'tfds (offline preparation from the IDX files)'
 
@@ -59,15 +59,15 @@ def read_idx_splits_if_no_tensorflow(idx_dir: str) -> str:
       raise SystemExit(f'split {split!r}: without TensorFlow only train[:N] and test are read')
     images, labels = idx.read_split(idx_dir, match[1])
     count = int(match[2]) if match[2] else len(labels)
-    return input_pipeline.Split(images[:count, ..., None], labels[:count].astype(np.int32))
-  input_pipeline.load_split = load_split
+    return batches.Split(images[:count, ..., None], labels[:count].astype(np.int32))
+  tfds_source.load_split = load_split
   return ('IDX files read directly, in file order (TensorFlow is not installed here; '
           "train[:N] is the file's first N)")
 
 
 def full_run(name: str, idx_dir: str, epochs: int = 0) -> dict:
   """One whole training run of RUNS[name] in a fresh workdir; returns its figures."""
-  from flax_mnist import train
+  from flax_mnist import loop
   path, overrides = RUNS[name]
   config = load_config(path, dict(overrides, idx_dir=idx_dir, progress_bar=False))
   config.num_epochs = epochs or config.num_epochs
@@ -75,7 +75,7 @@ def full_run(name: str, idx_dir: str, epochs: int = 0) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
     with contextlib.redirect_stdout(out):
-      history = train.train_and_evaluate(config, workdir)
+      history = loop.train_and_evaluate(config, workdir)
     wall = time.perf_counter() - start
   print(out.getvalue(), flush=True)
   num_samples = int(re.search(r'Train on (\d+) samples', out.getvalue())[1])
@@ -88,27 +88,35 @@ def full_run(name: str, idx_dir: str, epochs: int = 0) -> dict:
 def kernel_config_and_split(kernel: str, idx_dir: str, **overrides):
   """The benchmark config of kernel size `kernel` ('3': base, '5': k5_nodropout) and its
   training split."""
-  from flax_mnist import input_pipeline
+  from flax_mnist.data import tfds_source
   path, config_overrides = RUNS['base' if kernel == '3' else 'k5_nodropout']
   config = load_config(path, dict(config_overrides, idx_dir=idx_dir, **overrides))
-  return config, input_pipeline.load_split(config, config.train_split)
+  return config, tfds_source.load_split(config, config.train_split)
 
 
 def device_epoch_rate(dtype: str, kernel: str, repeats: int, idx_dir: str) -> float:
   """flax_mnist: samples/s of whole device-resident epochs (the training loop's own path)."""
   import jax
-  from flax_mnist import device_data, parallel, train_step as ts
-  config, split = kernel_config_and_split(kernel, idx_dir, dtype=dtype)
-  mesh = parallel.make_mesh()
-  graphdef, state, tx = ts.create(config)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  epoch_fn = device_data.make_train_epoch(graphdef, tx, mesh, config)
-  device_split = device_data.put_split(split, mesh)
-  state, _ = device_data.train_epoch(epoch_fn, state, device_split, len(split), config, 1)
+  from flax_mnist import epochs, plan as plan_lib, sharding, steps
+  from flax_mnist.reporting import console
+  config, split = kernel_config_and_split(kernel, idx_dir, dtype=dtype, device_data='on')
+  plan = plan_lib.make(config, jax.default_backend(), jax.device_count())
+  mesh = sharding.make_mesh()
+  graphdef, state, tx = steps.create(config, plan)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  engine = epochs.build(graphdef, tx, state, mesh, plan, config, split)  # DeviceResident.
+  progress = epochs.Progress(console.ProgressBar(1, enabled=False))  # Nothing drawn.
+
+  def epoch(state, number):
+    """One epoch, its sums read to the host (which waits for the device)."""
+    state, sums = engine.run(state, number, progress)
+    sums.means()
+    return state
+  state = epoch(state, 1)  # Warm-up.
   rates = []
-  for epoch in range(2, repeats + 2):
+  for number in range(2, repeats + 2):
     start = time.perf_counter()
-    state, _ = device_data.train_epoch(epoch_fn, state, device_split, len(split), config, epoch)
+    state = epoch(state, number)
     rates.append(len(split) // config.batch_size * config.batch_size
                  / (time.perf_counter() - start))
   return statistics.median(rates)

@@ -31,11 +31,15 @@ def main() -> None:
   spec = importlib.util.spec_from_file_location('parity_config', args.config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  from flax_mnist import idx, modes, predict, train
-  graphdef, state, meta = modes.restore(module.get_config(), args.workdir, 'latest')
+  from flax_mnist import modes, plan as plan_lib
+  from flax_mnist.data import idx
+  from flax_mnist.keras import export as keras_export
+  config = module.get_config()
+  restored = modes.restore(config, plan_lib.decide(config), args.workdir, 'latest')
+  meta = restored.meta
   images, labels = idx.read_split(args.idx_dir, 'test')
   images = images.astype(np.float32) / 255.0
-  flax_probs = predict.classify(train.nnx_model(graphdef, state), images)
+  flax_probs = modes.classify(restored.model(), images)
   print(f"Flax, epoch {meta['epoch'] if meta else '?'}: accuracy "
         f'{(flax_probs.argmax(1) == labels).mean():.4f}')
   for name in ('keras', 'tf_keras'):
@@ -44,7 +48,7 @@ def main() -> None:
     except ImportError:
       print(f'{name}: not installed')
       continue
-    model = keras.models.load_model(str(Path(args.workdir) / train.EXPORT_NAME))
+    model = keras.models.load_model(str(Path(args.workdir) / keras_export.EXPORT_NAME))
     probs = model.predict(images.reshape(-1, 784), batch_size=1000, verbose=0)
     print(f'{name} {keras.__version__}: max abs difference {np.abs(probs - flax_probs).max():.3g}'
           f', argmax equal on {int((probs.argmax(1) == flax_probs.argmax(1)).sum())}/'

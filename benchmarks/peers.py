@@ -16,12 +16,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 def make_flax_mnist(config, images, labels):
   import jax
-  from flax_mnist import parallel, train_step as ts
-  graphdef, state, tx = ts.create(config)
-  mesh = parallel.make_mesh()
-  state = jax.device_put(state, parallel.replicated(mesh))
-  train, _ = ts.jit_steps(graphdef, tx, mesh, config)
-  batch = parallel.put_batch(mesh, images, labels)
+  from flax_mnist import plan as plan_lib, sharding, steps
+  plan = plan_lib.decide(config)  # As a training run plans on this machine.
+  graphdef, state, tx = steps.create(config, plan)
+  mesh = sharding.make_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  train = steps.jit_train_step(graphdef, tx, mesh, plan)
+  batch = sharding.put_batch(mesh, images, labels)
   holder = [state]
 
   def run(steps):

@@ -25,7 +25,7 @@ def main() -> None:
   parser.add_argument('--idx_dir', required=True)
   parser.add_argument('--epochs', type=int, default=20)
   args = parser.parse_args()
-  from flax_mnist import idx
+  from flax_mnist.data import idx
   train_x, train_y = idx.read_split(args.idx_dir, 'train')
   test_x, test_y = idx.read_split(args.idx_dir, 'test')
   train_x = train_x[:55000].reshape(-1, 784).astype(np.float32) / 255.0

@@ -6,8 +6,8 @@
 Samples/s of forward + backward + Adam at batch 500, float32, on this machine. Systems are
 interleaved (the order rotates every repeat), warm-up (compilation) is excluded, and each figure
 is the median over repeats, all on the same batch of real MNIST digits. Every timed block
-runs in a fresh process, so no runtime's threads slow another down. Peers that are not installed are reported as missing
-(`pip install -e '.[bench]'` installs them). --end_to_end also times the whole 20-epoch job of
+runs in a fresh process, so no runtime's threads slow another down. Peers that are not
+installed are reported as missing (`pip install -e '.[bench]'` installs them). --end_to_end also times the whole 20-epoch job of
 flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as subprocesses.
 """
 
@@ -46,7 +46,7 @@ def benchmark_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """The first `batch_size` real MNIST training digits when the IDX files are at hand."""
   idx_dir = ROOT.parent / 'shared' / 'data' / 'mnist'
   if (idx_dir / 'train-images-idx3-ubyte.gz').exists():
-    from flax_mnist import idx
+    from flax_mnist.data import idx
     images, labels = idx.read_split(idx_dir, 'train')
     return images[:batch_size, ..., None], labels[:batch_size].astype(np.int32)
   rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from flax_mnist import schema
-from flax_mnist.errors import FlaxMnistError
+from flax_mnist.errors import FlaxMnistError, first_line
 
 
 class CheckpointError(FlaxMnistError):
@@ -44,13 +44,13 @@ class CheckpointWriteError(CheckpointError):
 def _summary(error: BaseException) -> str:
   """The error's type and first line; a long line (TensorStore's: the path first, then the
   reason, then its sources) keeps its start, the OS's reason wherever it stands, and its end."""
-  line = (str(error).strip().splitlines() or [''])[0]
+  line = first_line(error, limit=100_000)
   if len(line) > 240:
     middle = line[100:-130]
     reasons = [os.strerror(code) for code in sorted(errno.errorcode)
                if os.strerror(code) in middle]
     line = ' ... '.join([line[:100], *reasons[:1], line[-130:]])
-  return f'{type(error).__name__}: {line}'
+  return line
 
 
 class _WithoutOrbaxLogs(logging.Filter):
@@ -64,6 +64,35 @@ class _WithoutOrbaxLogs(logging.Filter):
     if record.exc_info and record.exc_info[2]:
       text += ''.join(traceback.format_tb(record.exc_info[2]))
     return '/orbax/' not in text.replace('\\', '/')
+
+
+def _from_a_loop_orbax_closed(unraisable: 'sys.UnraisableHookArgs') -> bool:
+  """True for TensorStore finishing an operation for an event loop that orbax already closed.
+
+  orbax runs each restore in a fresh event loop (asyncio_utils.run_sync) and closes it as soon
+  as the first of its gathered reads fails (a damaged checkpoint), while TensorStore still has
+  the others in flight. When one of those finishes, TensorStore's own thread calls the closed
+  loop's call_soon_threadsafe and Python reports the RuntimeError as unraisable ('Exception
+  ignored in: None ... Event loop is closed'). orbax creates and closes that loop inside one call
+  and keeps no handle, so nothing of ours can keep it open or wait for the reads; the failure
+  itself is already raised (UnreadableCheckpoint). Matched exactly: no object, that message,
+  and call_soon_threadsafe as the outermost frame (called from native code, not from Python)."""
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed'
+          and bool(frames) and frames[0].name == 'call_soon_threadsafe')
+
+
+class _WithoutOrbaxClosedLoops:
+  """sys.unraisablehook that drops _from_a_loop_orbax_closed reports and passes on the rest:
+  after a damaged checkpoint the user sees the one warning line, not a stray traceback."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable: 'sys.UnraisableHookArgs') -> None:
+    if not _from_a_loop_orbax_closed(unraisable):
+      self.previous(unraisable)
 
 
 def _warn(text: str) -> None:
@@ -234,6 +263,8 @@ def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Che
   for logger in map(logging.getLogger, ('absl', 'asyncio')):
     if not any(isinstance(f, _WithoutOrbaxLogs) for f in logger.filters):
       logger.addFilter(_WithoutOrbaxLogs())
+  if not isinstance(sys.unraisablehook, _WithoutOrbaxClosedLoops):
+    sys.unraisablehook = _WithoutOrbaxClosedLoops(sys.unraisablehook)
   _make_folder(directory)
   _remove_incomplete(directory)  # Here, not in orbax's background thread: done before use.
   policy = policies.AnyPreservationPolicy([

@@ -134,14 +134,13 @@ class DeviceResident:
         (n, config.batch_size), np.int32)).compile() for n in lengths if n > 0}
 
   @functools.lru_cache(maxsize=2)
-  def _rows(self, epoch: int) -> jax.Array:
+  def _rows(self, epoch: int, first: int = 0) -> jax.Array:
     rows = epoch_rows(self.num_examples, self.config.batch_size, self.config.seed, epoch)
-    return jax.device_put(rows, self.split[0].sharding)  # Replicated, on every process.
+    return jax.device_put(rows[first:], self.split[0].sharding)  # Replicated, every process.
 
   def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):
     first, total = (0, None) if resume is None else (resume.batches, resume.sums)
-    rows = self._rows(epoch)
-    rows = rows[first:] if first else rows
+    rows = self._rows(epoch, first)
     if len(rows):
       state, (sums, per_step) = self.compiled[len(rows)](state, *self.split, rows)
       self._rows(epoch + 1)  # Host work hidden behind the device's epoch.

@@ -1,8 +1,13 @@
-"""Ctrl-C (SIGINT) during training: stop between steps, save a checkpoint, say how to resume.
+"""Ctrl-C (SIGINT) and preemption (SIGTERM) during training: stop between steps, save a
+checkpoint, say how to resume.
 
-The first Ctrl-C only raises a flag; the training loop looks at it before every step (and
-between epochs), so no step or checkpoint write is cut in half. A second Ctrl-C quits at once
-(KeyboardInterrupt), still waiting for a checkpoint write already under way.
+Cloud spot VMs, Kubernetes, Slurm and Colab end a job with SIGTERM, then a grace period, then
+SIGKILL; JAX's own preemption sync point answers only where jax.distributed runs, so a
+single-host run catches the signal itself. The first signal only raises a flag (the handler
+saves nothing: a save inside a signal handler could interrupt the step it must save); the
+training loop looks at the flag before every step (and between epochs), so no step or
+checkpoint write is cut in half. A second signal quits at once (KeyboardInterrupt), still
+waiting for a checkpoint write already under way. The exit code is the shells' 128 + signal.
 """
 
 import contextlib
@@ -13,18 +18,24 @@ from collections.abc import Iterator
 
 from flax_mnist.errors import FlaxMnistError
 
-EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C.
+EXIT_CODE = 128 + signal.SIGINT  # 130, as shells report a Ctrl-C.
+EXIT_CODES = {signal.SIGINT: EXIT_CODE, signal.SIGTERM: 128 + signal.SIGTERM}  # 143 for TERM.
+_NAMES = {signal.SIGINT: 'Interrupted (Ctrl-C)', signal.SIGTERM: 'Terminated (SIGTERM)'}
 
 _requested = threading.Event()
+_received: list[int] = []  # The first stop signal received, if any.
 
 
 class Interrupted(FlaxMnistError):
-  """Training stopped on Ctrl-C after saving its state."""
-  exit_code = EXIT_CODE
+  """Training stopped on a stop signal after saving its state."""
+
+  @property
+  def exit_code(self) -> int:
+    return EXIT_CODES[_received[0] if _received else signal.SIGINT]
 
 
 class StoppedMidEpoch(Exception):
-  """Raised by the epoch loop on Ctrl-C: the state after `batches` of `epoch`'s batches.
+  """Raised by the epoch loop on a stop signal: the state after `batches` of `epoch`'s batches.
 
   `sums` are the epoch's metric sums so far, so the resumed epoch reports the same numbers.
   """
@@ -35,22 +46,29 @@ class StoppedMidEpoch(Exception):
 
 
 def requested() -> bool:
-  """True once Ctrl-C was pressed inside `catch_sigint`."""
+  """True once a stop signal arrived inside `catch_stop_signals`."""
   return _requested.is_set()
 
 
-def _on_sigint(signum, frame):
-  del signum, frame
+def request(signum: int = signal.SIGINT) -> None:
+  """Asks the training loop to stop after the current step, as if `signum` had arrived."""
+  if not _requested.is_set():
+    _received[:] = [signum]
+    _requested.set()
+
+
+def _on_signal(signum, frame):
+  del frame
   if _requested.is_set():
     raise KeyboardInterrupt
-  _requested.set()
-  print('Interrupted: stopping after the current step and saving a checkpoint '
-        '(Ctrl-C again to quit at once).', file=sys.stderr, flush=True)
+  request(signum)
+  print(f'{_NAMES[signum]}: stopping after the current step and saving a checkpoint '
+        '(send it again to quit at once).', file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def catch_sigint() -> Iterator[None]:
-  """Within the block, Ctrl-C sets `requested()` instead of raising KeyboardInterrupt.
+def catch_stop_signals() -> Iterator[None]:
+  """Within the block, SIGINT and SIGTERM set `requested()` instead of ending the process.
 
   A no-op outside the main thread, where Python cannot install signal handlers.
   """
@@ -58,10 +76,11 @@ def catch_sigint() -> Iterator[None]:
     yield
     return
   _requested.clear()
-  previous = signal.signal(signal.SIGINT, _on_sigint)
+  _received.clear()
+  previous = {s: signal.signal(s, _on_signal) for s in _NAMES}
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
     _requested.clear()
-

@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) 
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
   with (checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints,
-        interrupt.catch_sigint()):
+        interrupt.catch_stop_signals()):
     graphdef, state, tx, epoch, history, resume = initial_state(config, plan, mesh, checkpoints)
     if distributed.is_main():
       jsonl.rewrite(workdir / jsonl.METRICS_FILE, history)
@@ -169,7 +169,7 @@ class _Run:
            else 'no checkpoint exists yet') + '. Lower --config.learning_rate.')
 
   def stop(self, state, history, stop: interrupt.StoppedMidEpoch | None = None):
-    """On Ctrl-C: saves the state of an epoch cut short (`stop`), then raises Interrupted."""
+    """On a stop signal: saves the state of an epoch cut short (`stop`), raises Interrupted."""
     step = int(state.step)
     if stop is not None and step and step not in self.checkpoints.steps():
       sums = None if stop.sums is None else stop.sums.to_json()

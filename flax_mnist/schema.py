@@ -43,7 +43,8 @@ class Field:
 
 
 def _positive(name, default, meaning, **kw):
-  return Field(name, default, meaning, lambda v: v > 0, 'a positive number', **kw)
+  kind = 'integer' if isinstance(default, int) else 'number'
+  return Field(name, default, meaning, lambda v: v > 0, f'a positive {kind}', **kw)
 
 
 def _rate(name, default, meaning):

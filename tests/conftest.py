@@ -1,5 +1,6 @@
 """Shared fixtures: the real MNIST IDX files and a tfds data dir prepared from them once."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -32,6 +33,13 @@ def assert_adam_params_close(params, expected, learning_rate):
     assert (difference > 1e-5).mean() < 1e-2, (difference > 1e-5).sum()
 
 
+@pytest.fixture(scope='session', autouse=True)
+def command_line_compilation_cache(tmp_path_factory):
+  """The command lines that tests start keep JAX's compilation cache in this session's temp
+  folder (they inherit the variable), not in the user's ~/.cache."""
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
+
+
 @pytest.fixture(scope='session')
 def mnist_dir() -> pathlib.Path:
   assert (MNIST_DIR / 't10k-labels-idx1-ubyte.gz').is_file(), (
@@ -42,11 +50,17 @@ def mnist_dir() -> pathlib.Path:
 @pytest.fixture(scope='session')
 def prepared_data_dir(mnist_dir, tmp_path_factory) -> str:
   """A tfds data dir holding mnist prepared offline from the IDX files (done once per session)."""
-  from flax_mnist import input_pipeline
+  from flax_mnist.data import tfds_source
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   config = base_config(idx_dir=str(mnist_dir), data_dir=data_dir)
-  input_pipeline.ensure_prepared(config, input_pipeline.get_builder(config))
+  tfds_source.ensure_prepared(config, tfds_source.get_builder(config))
   return data_dir
+
+
+def cpu_plan(config):
+  """The run plan of `config` on one CPU device (what the tests' processes run on)."""
+  from flax_mnist import plan
+  return plan.make(config, 'cpu', 1)
 
 
 def small_config(data_dir: str, **overrides):
@@ -71,7 +85,7 @@ def run_python(code: str, devices: int = 1, timeout: int = 600):
 @pytest.fixture(scope='session')
 def trained_workdir(prepared_data_dir, tmp_path_factory):
   """A workdir holding a finished 2-epoch small run: checkpoints, metrics.jsonl, keras_cnn.h5."""
-  from flax_mnist import train
+  from flax_mnist import loop
   workdir = tmp_path_factory.mktemp('trained')
-  train.train_and_evaluate(small_config(prepared_data_dir), str(workdir))
+  loop.train_and_evaluate(small_config(prepared_data_dir), str(workdir))
   return workdir

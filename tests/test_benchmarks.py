@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO, small_config
-from flax_mnist import input_pipeline
+from flax_mnist.data import batches, tfds_source
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import accelerator  # noqa: E402
 
 
-def _rows(split: input_pipeline.Split) -> set[bytes]:
+def _rows(split: batches.Split) -> set[bytes]:
   return {image.tobytes() + bytes([label]) for image, label in zip(split.images, split.labels)}
 
 
@@ -21,24 +21,38 @@ def test_without_tensorflow_the_idx_files_give_the_same_examples(prepared_data_d
                                                                  monkeypatch):
   """tfds stores the examples in a hash-shuffled order; the IDX files in file order."""
   config = small_config(prepared_data_dir)
-  tfds_test = input_pipeline.load_split(config, 'test')
-  tfds_train = input_pipeline.load_split(config, 'train[:1000]')
-  monkeypatch.setattr(input_pipeline, 'load_split', input_pipeline.load_split)  # Restored after.
+  tfds_test = tfds_source.load_split(config, 'test')
+  tfds_train = tfds_source.load_split(config, 'train[:1000]')
+  monkeypatch.setattr(tfds_source, 'load_split', tfds_source.load_split)  # Restored after.
   real_find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'tensorflow' else real_find_spec(name, *a))
   assert 'IDX files read directly' in accelerator.read_idx_splits_if_no_tensorflow(str(mnist_dir))
-  idx_test = input_pipeline.load_split(config, 'test')
-  idx_train = input_pipeline.load_split(config, 'train[:60000]')
+  idx_test = tfds_source.load_split(config, 'test')
+  idx_train = tfds_source.load_split(config, 'train[:60000]')
   assert idx_test.images.shape == (10000, 28, 28, 1) and idx_test.labels.dtype == np.int32
   assert _rows(idx_test) == _rows(tfds_test)  # The same 10,000 test examples.
   assert _rows(tfds_train) <= _rows(idx_train)  # tfds' training examples come from the file.
-  assert len(input_pipeline.load_split(config, 'train[:1000]')) == 1000
+  assert len(tfds_source.load_split(config, 'train[:1000]')) == 1000
   with pytest.raises(SystemExit, match='only train'):
-    input_pipeline.load_split(config, 'train[10%:]')
+    tfds_source.load_split(config, 'train[10%:]')
 
 
 def test_with_tensorflow_the_tfds_path_stays(mnist_dir):
-  before = input_pipeline.load_split
+  before = tfds_source.load_split
   assert accelerator.read_idx_splits_if_no_tensorflow(str(mnist_dir)).startswith('tfds')
-  assert input_pipeline.load_split is before
+  assert tfds_source.load_split is before
+
+
+def test_flax_mnist_sides_run_on_a_small_split(monkeypatch):
+  """The benchmarks call the package directly (engines, steps, plan): run them briefly here so a
+  change of its API shows in the tests, not on the next accelerator session."""
+  import peers
+  rng = np.random.default_rng(0)
+  split = batches.Split(rng.integers(0, 256, (1000, 28, 28, 1), dtype=np.uint8),
+                        rng.integers(0, 10, 1000).astype(np.int32))
+  monkeypatch.setattr(tfds_source, 'load_split', lambda config, name: split)
+  assert accelerator.device_epoch_rate('float32', '3', 1, idx_dir='') > 0
+  config, _ = accelerator.kernel_config_and_split('3', idx_dir='')
+  run = peers.make_flax_mnist(config, split.images[:500], split.labels[:500])
+  run(2)

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, base_config
-from flax_mnist import configuration, distributed, input_pipeline, modes, parallel
+from conftest import REPO, base_config, cpu_plan
+from flax_mnist import distributed, modes, schema, sharding
+from flax_mnist.data import batches
 from flax_mnist.errors import ConfigError
 
 _TIMEOUT = 240  # Seconds for one run; the two processes take ~40 s here.
@@ -53,7 +54,9 @@ def _finish(processes) -> list[str]:
 
 
 def _params(workdir):
-  _, state, meta = modes.restore(base_config(**_SETTINGS), str(workdir), 'latest')
+  config = base_config(**_SETTINGS)
+  restored = modes.restore(config, cpu_plan(config), str(workdir), 'latest')
+  state, meta = restored.state, restored.meta
   return int(state.step), meta['history'], jax.tree.leaves(jax.device_get(state.params))
 
 
@@ -64,7 +67,7 @@ def test_two_processes_train_like_one_process_with_two_devices(prepared_data_dir
                             f'--config.coordinator_address={address}',
                             '--config.num_processes=2', f'--config.process_id={i}')
                      for i in (0, 1)])
-  assert 'on 2 cpu device(s)' in one and 'on 2 cpu device(s)' in outputs[0]
+  assert 'Plan: cpu x2 - ' in one and 'Plan: cpu x2 on 2 processes - ' in outputs[0]
   assert 'Epoch 2/2' in outputs[0]
   # Only process 0 prints (gloo's C++ start-up line aside).
   assert [line for line in outputs[1].splitlines() if not line.startswith('[Gloo]')] == []
@@ -85,20 +88,20 @@ def test_two_processes_train_like_one_process_with_two_devices(prepared_data_dir
 
 
 def test_process_rows_cover_the_batch_in_order():
-  mesh = parallel.make_mesh()
-  np.testing.assert_array_equal(parallel.process_rows(mesh, 4 * mesh.size),
+  mesh = sharding.make_mesh()
+  np.testing.assert_array_equal(sharding.process_rows(mesh, 4 * mesh.size),
                                 np.arange(4 * mesh.size))
 
 
 def test_process_shares_make_up_the_global_batches():
-  split = input_pipeline.Split(images=np.arange(250, dtype=np.uint8).reshape(250, 1, 1, 1),
+  split = batches.Split(images=np.arange(250, dtype=np.uint8).reshape(250, 1, 1, 1),
                                labels=np.arange(250, dtype=np.int32))
   halves = (np.arange(0, 50), np.arange(50, 100))
-  for whole, *shares in zip(input_pipeline.train_batches(split, 100, 3, 1),
-                            *(input_pipeline.train_batches(split, 100, 3, 1, h) for h in halves)):
+  for whole, *shares in zip(batches.train_batches(split, 100, 3, 1),
+                            *(batches.train_batches(split, 100, 3, 1, h) for h in halves)):
     np.testing.assert_array_equal(np.concatenate([s[1] for s in shares]), whole[1])
-  for whole, *shares in zip(input_pipeline.eval_batches(split, 100),
-                            *(input_pipeline.eval_batches(split, 100, h) for h in halves)):
+  for whole, *shares in zip(batches.eval_batches(split, 100),
+                            *(batches.eval_batches(split, 100, h) for h in halves)):
     for i in range(3):  # images, labels, mask; the last batch is half padding.
       np.testing.assert_array_equal(np.concatenate([s[i] for s in shares]), whole[i])
 
@@ -119,6 +122,6 @@ def test_when_distributed_starts(setting, environ, expected):
 
 def test_process_id_must_be_below_process_count():
   with pytest.raises(ConfigError, match='config.process_id=2 must be below'):
-    configuration.validate(base_config(num_processes=2, process_id=2))
+    schema.validate(base_config(num_processes=2, process_id=2))
   with pytest.raises(ConfigError, match='config.coordinator_address'):
-    configuration.validate(base_config(coordinator_address='no-port'))
+    schema.validate(base_config(coordinator_address='no-port'))

@@ -16,8 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, small_config
-from flax_mnist import checkpointing, interrupt, modes, parallel, reporting, train
+from conftest import REPO, cpu_plan, small_config
+from flax_mnist import checkpoints as checkpoints_lib
+from flax_mnist import interrupt, loop, modes, sharding
+from flax_mnist.reporting import jsonl
 
 # A model small enough that compiling and training take seconds on 2 cores.
 TINY = dict(train_split='train[:1000]', eval_split='test[:200]', batch_size=100,
@@ -31,7 +33,7 @@ def tiny_config(data_dir, **overrides):
 
 
 def final_params(config, workdir):
-  _, state, _ = modes.restore(config, str(workdir), 'latest')
+  state = modes.restore(config, cpu_plan(config), str(workdir), 'latest').state
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
 
@@ -51,7 +53,7 @@ def reference(prepared_data_dir, tmp_path_factory):
   """An uninterrupted tiny run: (workdir, history, final params)."""
   workdir = tmp_path_factory.mktemp('reference')
   config = tiny_config(prepared_data_dir)
-  history = train.train_and_evaluate(config, str(workdir))
+  history = loop.train_and_evaluate(config, str(workdir))
   return workdir, history, final_params(config, workdir)
 
 
@@ -79,7 +81,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(prepared_data_dir, refer
                                                         monkeypatch):
   workdir = tmp_path / 'w'
   config = tiny_config(prepared_data_dir)
-  real_put = parallel.put_batch
+  real_put = sharding.put_batch
   train_batches = []
   handler = signal.getsignal(signal.SIGINT)
 
@@ -89,17 +91,17 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(prepared_data_dir, refer
       if len(train_batches) == 13:  # Epoch 2, batch 3: Ctrl-C arrives while it is fed.
         os.kill(os.getpid(), signal.SIGINT)
     return real_put(mesh, *arrays)
-  monkeypatch.setattr(parallel, 'put_batch', put_batch)
+  monkeypatch.setattr(sharding, 'put_batch', put_batch)
   with pytest.raises(interrupt.Interrupted,
                      match=r'^interrupted at step 13 \(epoch 2, batch 3\).*resume exactly'):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   monkeypatch.undo()
   assert signal.getsignal(signal.SIGINT) == handler  # Training's handler is gone again.
-  with checkpointing.open_checkpoints(workdir) as checkpoints:
+  with checkpoints_lib.open_checkpoints(workdir) as checkpoints:
     assert checkpoints.steps() == [10, 13]
     assert checkpoints.best_step() == 10  # A mid-epoch checkpoint has no val_accuracy.
     assert checkpoints.read_meta(13)['partial']['batches'] == 3
-  history = train.train_and_evaluate(config, str(workdir))
+  history = loop.train_and_evaluate(config, str(workdir))
   assert without_timings(history) == without_timings(reference[1])
   assert_same_params(final_params(config, workdir), reference[2])
 
@@ -144,7 +146,7 @@ def test_damaged_newest_checkpoint_falls_back_and_continues(prepared_data_dir, r
   shutil.copytree(reference[0], workdir)
   damage(workdir / 'checkpoints' / '30')
   config = tiny_config(prepared_data_dir)
-  history = train.train_and_evaluate(config, str(workdir))
+  history = loop.train_and_evaluate(config, str(workdir))
   out, err = capsys.readouterr()
   warnings = [line for line in err.splitlines() if line.startswith('warning:')]
   assert len(warnings) == 1 and 'checkpoint step 30 cannot be read' in warnings[0]
@@ -153,17 +155,18 @@ def test_damaged_newest_checkpoint_falls_back_and_continues(prepared_data_dir, r
   assert (workdir / 'checkpoints_unreadable' / '30').is_dir()  # Kept for a look, out of the way.
   assert without_timings(history) == without_timings(reference[1])
   assert_same_params(final_params(config, workdir), reference[2])
-  assert [r['epoch'] for r in reporting.read_metrics(workdir / 'metrics.jsonl')] == [1, 2, 3]
+  assert [r['epoch'] for r in jsonl.read(workdir / 'metrics.jsonl')] == [1, 2, 3]
 
 
 def test_eval_of_a_damaged_checkpoint_is_one_line(prepared_data_dir, reference, tmp_path):
   workdir = tmp_path / 'w'
   shutil.copytree(reference[0], workdir)
   _truncate(workdir / 'checkpoints' / '30')
-  with pytest.raises(checkpointing.UnreadableCheckpoint,
+  with pytest.raises(checkpoints_lib.UnreadableCheckpoint,
                      match=r'checkpoint step 30 in .* cannot be read .*Other checkpoints: 10, '
                            r'20 \(pass --step=N\)'):
-    modes.run_eval(tiny_config(prepared_data_dir), str(workdir), 'latest')
+    config = tiny_config(prepared_data_dir)
+    modes.run_eval(config, cpu_plan(config), str(workdir), 'latest')
 
 
 def test_all_checkpoints_damaged_moves_nothing(prepared_data_dir, reference, tmp_path):
@@ -171,8 +174,8 @@ def test_all_checkpoints_damaged_moves_nothing(prepared_data_dir, reference, tmp
   shutil.copytree(reference[0], workdir)
   for step in (10, 20, 30):
     _delete_part(workdir / 'checkpoints' / str(step))
-  with pytest.raises(checkpointing.UnreadableCheckpoint, match='checkpoint step 30'):
-    train.train_and_evaluate(tiny_config(prepared_data_dir), str(workdir))
+  with pytest.raises(checkpoints_lib.UnreadableCheckpoint, match='checkpoint step 30'):
+    loop.train_and_evaluate(tiny_config(prepared_data_dir), str(workdir))
   assert not (workdir / 'checkpoints_unreadable').exists()
 
 
@@ -183,7 +186,7 @@ def test_incomplete_checkpoint_folder_is_ignored_and_removed(prepared_data_dir, 
   # What a kill during the save of step 30 leaves: its temporary folder, step 30 never renamed.
   (workdir / 'checkpoints' / '30').rename(workdir / 'checkpoints' / '30.orbax-checkpoint-tmp')
   config = tiny_config(prepared_data_dir)
-  history = train.train_and_evaluate(config, str(workdir))
+  history = loop.train_and_evaluate(config, str(workdir))
   assert 'removed 30.orbax-checkpoint-tmp' in capsys.readouterr().err
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['10', '20', '30']
   assert without_timings(history) == without_timings(reference[1])
@@ -194,9 +197,9 @@ def test_checkpoint_folder_in_the_way_is_one_line(prepared_data_dir, tmp_path):
   workdir = tmp_path / 'w'
   workdir.mkdir()
   (workdir / 'checkpoints').write_text('not a folder')
-  with pytest.raises(checkpointing.CheckpointWriteError,
+  with pytest.raises(checkpoints_lib.CheckpointWriteError,
                      match=r'cannot use .*/w/checkpoints as the checkpoint folder'):
-    train.train_and_evaluate(tiny_config(prepared_data_dir), str(workdir))
+    loop.train_and_evaluate(tiny_config(prepared_data_dir), str(workdir))
 
 
 _FULL_DISK = '''
@@ -228,10 +231,10 @@ def test_full_disk_is_one_line_and_older_checkpoints_stay(prepared_data_dir, ref
   # exits (its race, not an error of the run); no traceback may come from this package.
   assert 'flax_mnist/' not in result.stderr and result.stderr.count('error:') == 1
   config = tiny_config(prepared_data_dir)
-  with checkpointing.open_checkpoints(workdir) as checkpoints:  # Also clears the failed write.
+  with checkpoints_lib.open_checkpoints(workdir) as checkpoints:  # Also clears the failed write.
     assert checkpoints.steps() == [10]
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['10']
-  train.train_and_evaluate(config, str(workdir))  # Room again: goes on, exactly.
+  loop.train_and_evaluate(config, str(workdir))  # Room again: goes on, exactly.
   assert_same_params(final_params(config, workdir), reference[2])
 
 
@@ -276,5 +279,5 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes_bit_for_bit(
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert not list(workdir.glob('checkpoints/*tmp*'))
-  assert [r['epoch'] for r in reporting.read_metrics(workdir / 'metrics.jsonl')] == [1, 2, 3]
+  assert [r['epoch'] for r in jsonl.read(workdir / 'metrics.jsonl')] == [1, 2, 3]
   assert_same_params(final_params(tiny_config(prepared_data_dir), workdir), reference[2])

@@ -18,8 +18,12 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import base_config
-from flax_mnist import idx, keras_export, keras_import, model as model_lib
+from flax_mnist import model as model_lib
+from flax_mnist import plan as plan_lib
+from flax_mnist.data import idx
 from flax_mnist.errors import FlaxMnistError
+from flax_mnist.keras import export as keras_export
+from flax_mnist.keras import weights as keras_weights
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -76,17 +80,17 @@ class _Short(tuple):
 def model_and_file():
   """A fresh model of the base config and the bytes of its own Keras export."""
   config = base_config()
-  model = model_lib.CNN(config, rngs=nnx.Rngs(params=0))
+  model = model_lib.CNN(config, plan_lib.make(config, 'cpu', 1), rngs=nnx.Rngs(params=0))
   with tempfile.TemporaryDirectory() as folder:
     path = keras_export.export_h5(model, config, pathlib.Path(folder) / 'm.h5')
-    keras_import.load_weights(model, path)  # The unmangled file imports.
+    keras_weights.load_weights(model, path)  # The unmangled file imports.
     return _Short((model, path.read_bytes()))
 
 
 def _import(model, data: bytes):
   with _file(data, 'm.h5') as path:
     try:
-      keras_import.load_weights(model, path)
+      keras_weights.load_weights(model, path)
     except FlaxMnistError:
       pass
 
@@ -162,6 +166,6 @@ def test_h5_importer_on_odd_well_formed_files(model_and_file, layer_names, model
     except (ValueError, TypeError, KeyError):  # h5py refused to write this combination.
       return
     try:
-      keras_import.load_weights(model, path)
+      keras_weights.load_weights(model, path)
     except FlaxMnistError:
       pass

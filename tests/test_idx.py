@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from flax_mnist import idx
+from flax_mnist.data import idx
 from flax_mnist.errors import DataError
 
 TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from flax_mnist import reporting
+from flax_mnist.reporting import jsonl
 
 
 def _run(*args, timeout=600):
@@ -27,7 +27,7 @@ def test_cli_trains_and_writes_metrics(tmp_path, prepared_data_dir, mnist_dir):
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [row['epoch'] for row in rows] == [1, 2]
   for row in rows:
-    assert tuple(row) == reporting.METRIC_KEYS
+    assert tuple(row) == jsonl.METRIC_KEYS
     assert 0 <= row['val_accuracy'] <= 1 and row['loss'] > 0 and row['samples_per_second'] > 0
 
 

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, small_config
-from flax_mnist import idx, modes, predict, reporting, train
+from conftest import REPO, cpu_plan, small_config
+from flax_mnist import modes
+from flax_mnist.data import idx
+from flax_mnist.data import images as images_lib
+from flax_mnist.reporting import jsonl
 
 
 def _cli(workdir, data_dir, *args):
@@ -25,7 +28,7 @@ def _cli(workdir, data_dir, *args):
 def test_eval_reproduces_the_recorded_val_accuracy(trained_workdir, prepared_data_dir):
   result = _cli(trained_workdir, prepared_data_dir, '--mode=eval')
   assert result.returncode == 0, result.stderr[-2000:]
-  recorded = reporting.read_metrics(trained_workdir / 'metrics.jsonl')[-1]
+  recorded = jsonl.read(trained_workdir / 'metrics.jsonl')[-1]
   row = json.loads((trained_workdir / 'eval.jsonl').read_text().splitlines()[-1])
   assert row['val_accuracy'] == recorded['val_accuracy'] and row['epoch'] == 2
   assert f"val_accuracy: {recorded['val_accuracy']:.4f}" in result.stdout
@@ -70,9 +73,9 @@ def digit_files(tmp_path_factory, mnist_dir):
 def test_predict_classifies_files_as_the_model_does_in_memory(trained_workdir,
                                                               prepared_data_dir, digit_files):
   folder, paths, images = digit_files
-  graphdef, state, _ = modes.restore(small_config(prepared_data_dir), str(trained_workdir),
-                                     'latest')
-  expected = predict.classify(train.nnx_model(graphdef, state), images / np.float32(255))
+  config = small_config(prepared_data_dir)
+  model = modes.restore(config, cpu_plan(config), str(trained_workdir), 'latest').model()
+  expected = modes.classify(model, images / np.float32(255))
   result = _cli(trained_workdir, prepared_data_dir, '--mode=predict',
                 f'--images={folder}/digit*.png')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -94,9 +97,9 @@ def test_predict_reports_bad_files_and_classifies_the_rest(trained_workdir, prep
 
 def test_load_image_converts_size_colour_and_inversion(digit_files):
   folder, paths, images = digit_files
-  plain = predict.load_image(paths[0])
+  plain = images_lib.load_image(paths[0])
   np.testing.assert_allclose(plain, images[0] / 255.0, atol=1e-6)
-  big = predict.load_image(folder / 'big_rgb.png')
+  big = images_lib.load_image(folder / 'big_rgb.png')
   assert big.shape == (28, 28) and np.abs(big - plain).mean() < 0.05
-  paper = predict.load_image(folder / 'paper.jpg', invert=True)
+  paper = images_lib.load_image(folder / 'paper.jpg', invert=True)
   assert np.abs(paper - images[1] / 255.0).mean() < 0.02

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import nbformat
-import pytest
 
 from conftest import REPO
 

@@ -1,6 +1,5 @@
 """The report: three PNGs after training, --mode=report, and a confusion matrix that counts."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,8 +7,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import REPO, small_config
-from flax_mnist import input_pipeline, modes, parallel, predict, report, reporting, train
+from conftest import REPO, cpu_plan, small_config
+from flax_mnist import loop, modes, sharding
+from flax_mnist.data import tfds_source
+from flax_mnist.reporting import jsonl, report
 
 PLOTS = ('curves.png', 'confusion_matrix.png', 'errors.png')
 
@@ -46,17 +47,18 @@ def test_report_mode_regenerates_the_plots(trained_workdir, prepared_data_dir):
 
 def test_confusion_matrix_counts_the_in_memory_predictions(trained_workdir, prepared_data_dir):
   config = small_config(prepared_data_dir)
-  graphdef, state, _ = modes.restore(config, str(trained_workdir), 'latest')
-  split = input_pipeline.load_split(config, config.eval_split)
-  probs = report.probabilities(graphdef, state.params, parallel.make_mesh(), split, 200)
+  restored = modes.restore(config, cpu_plan(config), str(trained_workdir), 'latest')
+  graphdef, state = restored.graphdef, restored.state
+  split = tfds_source.load_split(config, config.eval_split)
+  probs = report.probabilities(graphdef, state.params, sharding.make_mesh(), split, 200)
   matrix = report.confusion_counts(split.labels, probs.argmax(-1), config.num_classes)
-  expected = predict.classify(train.nnx_model(graphdef, state), split.images / np.float32(255))
+  expected = modes.classify(loop.nnx_model(graphdef, state), split.images / np.float32(255))
   np.testing.assert_allclose(probs, expected, atol=1e-5)
   assert matrix.sum() == len(split) == 600
   for true, predicted in [(3, 3), (5, 3), (7, 9)]:
     assert matrix[true, predicted] == np.sum((split.labels == true) &
                                              (expected.argmax(-1) == predicted))
-  recorded = reporting.read_metrics(trained_workdir / 'metrics.jsonl')[-1]['val_accuracy']
+  recorded = jsonl.read(trained_workdir / 'metrics.jsonl')[-1]['val_accuracy']
   np.testing.assert_allclose(np.trace(matrix) / 600, recorded, rtol=1e-6)
 
 

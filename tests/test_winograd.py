@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from flax_mnist import winograd
+from flax_mnist.ops import winograd
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 

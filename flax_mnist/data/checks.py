@@ -8,7 +8,7 @@ one line, before a workdir, checkpoint folder or prepared dataset is written.
 import pathlib
 
 from flax_mnist.data import idx, tfds_source
-from flax_mnist.errors import DataError
+from flax_mnist.errors import DataError, first_line
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
 _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
@@ -46,8 +46,7 @@ def _check_split(config, builder, field: str) -> None:
   try:
     examples = builder.info.splits[split].num_examples
   except (ValueError, KeyError) as e:
-    lines = str(e).strip().splitlines()
-    raise DataError(f'config.{field}={split!r}: {lines[0] if lines else "unknown split"} '
+    raise DataError(f'config.{field}={split!r}: {first_line(e)} '
                     f"(splits of {config.dataset!r}: {', '.join(builder.info.splits)}).") from None
   needed = config.batch_size if field == 'train_split' else 1
   if examples < needed:

@@ -10,7 +10,7 @@ import pathlib
 import h5py
 import numpy as np
 
-from flax_mnist.errors import FlaxMnistError
+from flax_mnist.errors import FlaxMnistError, first_line
 from flax_mnist.keras.layout import WEIGHT_LAYERS
 
 
@@ -87,9 +87,8 @@ def load_weights(model, path: str | pathlib.Path) -> None:
     with open_h5(path) as f:
       values = _checked_values(model, read_layers(f, path), path)
   except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # Damaged HDF5 inside.
-    detail = (str(e).strip().splitlines() or [''])[0][:120]
-    raise KerasImportError(f'{path} is damaged or not a Keras HDF5 file ({type(e).__name__}: '
-                           f'{detail}); export it again.') from None
+    raise KerasImportError(f'{path} is damaged or not a Keras HDF5 file ({first_line(e, 160)}); '
+                           'export it again.') from None
   for layer, (kernel, bias) in values:  # Only after every layer checked out.
     layer.kernel[...] = kernel
     layer.bias[...] = bias

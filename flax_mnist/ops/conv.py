@@ -7,7 +7,7 @@ to (k*k*in, out) in one matmul. 'im2col' leaves its gradient to autodiff (slices
 matmuls). 'im2col_vjp' writes the backward pass out: the kernel gradient is one matmul of the
 saved patches with the output gradient, and the input gradient is XLA's own convolution of the
 padded output gradient with the flipped kernel, which on CPU beats im2col's pads and adds.
-'winograd' (flax_mnist/winograd.py) multiplies 4x (3x3) to 6.25x (5x5) fewer numbers; on CPU
+'winograd' (flax_mnist/ops/winograd.py) multiplies 4x (3x3) to 6.25x (5x5) fewer numbers; on CPU
 it is the fastest for layers with several input channels (conv2), im2col_vjp for the 1-channel
 first layer. On GPU the native (cuDNN) convolution is the better choice, except for a
 1-channel input (the first layer), whose 9-channel im2col matmul beats cuDNN; on TPU the native

@@ -6,13 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import run_python, small_config
-from flax_mnist import checkpointing, modes, parallel, reporting, train
-from flax_mnist import train_step as ts
+from conftest import cpu_plan, run_python, small_config
+from flax_mnist import checkpoints as checkpoints_lib
+from flax_mnist import loop, modes, steps
+from flax_mnist.reporting import jsonl
 
 
 def _final_params(config, workdir):
-  _, state, _ = modes.restore(config, str(workdir), 'latest')
+  state = modes.restore(config, cpu_plan(config), str(workdir), 'latest').state
   return jax.tree.leaves(jax.device_get(state.params))
 
 
@@ -23,22 +24,22 @@ def _without_timings(rows):
 
 def test_resume_is_bit_identical(prepared_data_dir, tmp_path, capsys):
   config = small_config(prepared_data_dir, num_epochs=3)
-  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2),
+  straight = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
+  loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2),
                            str(tmp_path / 'resumed'))
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert 'Resumed from epoch 2, step 10' in capsys.readouterr().out
   assert _without_timings(resumed) == _without_timings(straight)
   for a, b in zip(_final_params(config, tmp_path / 'straight'),
                   _final_params(config, tmp_path / 'resumed')):
     np.testing.assert_array_equal(a, b)
-  rows = reporting.read_metrics(tmp_path / 'resumed' / 'metrics.jsonl')
+  rows = jsonl.read(tmp_path / 'resumed' / 'metrics.jsonl')
   assert [r['epoch'] for r in rows] == [1, 2, 3]
 
 
 def test_finished_run_is_a_no_op(trained_workdir, prepared_data_dir, capsys):
   before = sorted(p.name for p in (trained_workdir / 'checkpoints').iterdir())
-  rows = train.train_and_evaluate(small_config(prepared_data_dir), str(trained_workdir))
+  rows = loop.train_and_evaluate(small_config(prepared_data_dir), str(trained_workdir))
   assert 'Already finished: epoch 2/2' in capsys.readouterr().out
   assert [r['epoch'] for r in rows] == [1, 2]
   assert sorted(p.name for p in (trained_workdir / 'checkpoints').iterdir()) == before
@@ -46,44 +47,44 @@ def test_finished_run_is_a_no_op(trained_workdir, prepared_data_dir, capsys):
 
 def test_metrics_rows_follow_the_checkpoint(prepared_data_dir, tmp_path):
   workdir = tmp_path / 'w'
-  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), str(workdir))
+  loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), str(workdir))
   with open(workdir / 'metrics.jsonl', 'a') as f:  # As if killed after logging epoch 2 only.
     f.write(json.dumps({'epoch': 2, 'loss': 0.0}) + '\n')
-  rows = train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), str(workdir))
-  logged = reporting.read_metrics(workdir / 'metrics.jsonl')
+  rows = loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), str(workdir))
+  logged = jsonl.read(workdir / 'metrics.jsonl')
   assert [r['epoch'] for r in logged] == [1, 2] and logged[1]['loss'] == rows[1]['loss'] > 0
 
 
 def test_keeps_latest_and_best(prepared_data_dir, tmp_path):
   config = small_config(prepared_data_dir, num_epochs=4, keep_checkpoints=2)
-  rows = train.train_and_evaluate(config, str(tmp_path))
-  with checkpointing.open_checkpoints(tmp_path) as checkpoints:
-    steps = checkpoints.steps()
+  rows = loop.train_and_evaluate(config, str(tmp_path))
+  with checkpoints_lib.open_checkpoints(tmp_path) as checkpoints:
+    kept = checkpoints.steps()
     best = checkpoints.best_step()
-    assert steps[-2:] == [15, 20]
+    assert kept[-2:] == [15, 20]
     best_epoch = max((r['val_accuracy'], r['epoch']) for r in rows)[1]  # Ties: the later.
-    assert checkpoints.read_meta(best)['epoch'] == best_epoch and best in steps
-    assert len(steps) == (2 if best_epoch >= 3 else 3)
+    assert checkpoints.read_meta(best)['epoch'] == best_epoch and best in kept
+    assert len(kept) == (2 if best_epoch >= 3 else 3)
 
 
 def test_incompatible_config_names_the_fields(trained_workdir, prepared_data_dir):
   config = small_config(prepared_data_dir, kernel_size=5, learning_rate=0.01)
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(checkpoints_lib.CheckpointError,
                      match=r'another config \(kernel_size: 3 -> 5; learning_rate: 0.001 -> '
                            r'0.01\); use another --workdir'):
-    train.train_and_evaluate(config, str(trained_workdir))
+    loop.train_and_evaluate(config, str(trained_workdir))
 
 
 _TRAIN_AND_REPORT = '''
 import json, sys
 import jax
 from conftest import small_config
-from flax_mnist import modes, train
+from flax_mnist import loop, modes, plan
 config = small_config({data_dir!r})
 if {train!r}:
-  rows = train.train_and_evaluate(config, {workdir!r})
+  rows = loop.train_and_evaluate(config, {workdir!r})
   print('VAL', json.dumps(rows[-1]['val_accuracy']))
-row = modes.run_eval(config, {workdir!r}, 'latest')
+row = modes.run_eval(config, plan.decide(config), {workdir!r}, 'latest')
 print('EVAL', json.dumps(row['val_accuracy']), jax.device_count())
 '''
 
@@ -110,33 +111,33 @@ def test_restore_on_another_device_count(prepared_data_dir, tmp_path, train_devi
 def test_divergence_stops_without_saving_non_finite_weights(prepared_data_dir, tmp_path,
                                                            monkeypatch):
   workdir = str(tmp_path / 'w')
-  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), workdir)
-  poisoned = ts.to_unit_float
-  monkeypatch.setattr(ts, 'to_unit_float', lambda images: poisoned(images) * float('nan'))
+  loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), workdir)
+  poisoned = steps.to_unit_float
+  monkeypatch.setattr(steps, 'to_unit_float', lambda images: poisoned(images) * float('nan'))
   config = small_config(prepared_data_dir, num_epochs=2)
-  with pytest.raises(train.TrainingDiverged,
+  with pytest.raises(loop.TrainingDiverged,
                      match=r'diverged in epoch 2 \(loss nan.*newest checkpoint \(step 5\) is '
                            r'intact\. Lower --config.learning_rate'):
-    train.train_and_evaluate(config, workdir)
-  with checkpointing.open_checkpoints(workdir) as checkpoints:
+    loop.train_and_evaluate(config, workdir)
+  with checkpoints_lib.open_checkpoints(workdir) as checkpoints:
     assert checkpoints.steps() == [5]
 
 
 def test_failed_save_is_raised_and_older_checkpoints_stay(prepared_data_dir, tmp_path,
                                                           monkeypatch):
   workdir = str(tmp_path / 'w')
-  train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), workdir)
-  real_save = checkpointing.ocp.args.StandardSave
+  loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), workdir)
+  real_save = checkpoints_lib.ocp.args.StandardSave
 
   class Unsaveable:  # No orbax type handler exists for this leaf.
     pass
-  monkeypatch.setattr(checkpointing.ocp.args, 'StandardSave',
+  monkeypatch.setattr(checkpoints_lib.ocp.args, 'StandardSave',
                       lambda state: real_save({'state': state, 'bad': Unsaveable()}))
-  with pytest.raises((checkpointing.CheckpointWriteError, TypeError)) as raised:
-    train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), workdir)
+  with pytest.raises((checkpoints_lib.CheckpointWriteError, TypeError)) as raised:
+    loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), workdir)
   assert 'Unsaveable' in str(raised.value) or 'type' in str(raised.value).lower()
   monkeypatch.undo()
-  with checkpointing.open_checkpoints(workdir) as checkpoints:
+  with checkpoints_lib.open_checkpoints(workdir) as checkpoints:
     assert checkpoints.steps() == [5]
 
 
@@ -145,9 +146,9 @@ def test_a_long_error_keeps_the_os_reason_where_it_stands():
   still say why (a full disk here)."""
   message = ('Error writing "/w/checkpoints/10/array_metadatas/process_0" ' + 'x' * 150
              + ': File too large [OS error 27] ' + 'y' * 300 + " [source_errors_error_code='27']")
-  summary = checkpointing._summary(ValueError(message))
+  summary = checkpoints_lib._summary(ValueError(message))
   assert summary.startswith('ValueError: Error writing "/w/checkpoints/10/')
   assert ' ... File too large ... ' in summary and summary.endswith("error_code='27']")
   assert len(summary) < 300
-  assert checkpointing._summary(OSError('short: File too large')) == (
+  assert checkpoints_lib._summary(OSError('short: File too large')) == (
       'OSError: short: File too large')

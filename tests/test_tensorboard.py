@@ -1,13 +1,15 @@
 """TensorBoard event files: tags and steps as TensorBoard reads them, resume, process 0 only.
 
-Both train paths logging the same steps is tested in test_device_data.
+Both epoch engines logging the same steps is tested in test_epochs.
 """
 
 import numpy as np
 import pytest
 
 from conftest import base_config
-from flax_mnist import configuration, metric_writers, reporting
+from flax_mnist import schema, steps
+from flax_mnist.reporting import jsonl
+from flax_mnist.reporting import tensorboard as metric_writers
 from flax_mnist.errors import ConfigError
 
 
@@ -22,7 +24,7 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 
 def test_training_writes_epoch_metrics_and_step_loss(trained_workdir):
   scalars = read_scalars(trained_workdir / metric_writers.LOG_DIR)
-  rows = reporting.read_metrics(trained_workdir / 'metrics.jsonl')
+  rows = jsonl.read(trained_workdir / 'metrics.jsonl')
   # small_config: 5 steps per epoch, 2 epochs; base log_every_steps=10.
   for key in metric_writers.EPOCH_TAGS:
     logged = scalars.pop(metric_writers.epoch_tag(key))
@@ -37,7 +39,8 @@ def _write_run(workdir, start, stop, every=2, tag_value=0.0):
   for epoch_start in range(start, stop, 5):
     log = writer.step_log(epoch_start)
     for index in range(1, 6):
-      log.record(index, dict(loss_sum=tag_value + epoch_start + index, correct=1.0, count=1.0))
+      log.record(index, steps.MetricSums(loss_sum=tag_value + epoch_start + index,
+                                         correct=1.0, count=1.0))
     row = {k: tag_value + epoch_start for k in metric_writers.EPOCH_TAGS}
     writer.write_epoch(epoch_start + 5, row)
   return writer
@@ -77,4 +80,4 @@ def test_zero_disables_step_logging_and_other_processes_write_nothing(tmp_path):
 
 def test_negative_log_every_steps_is_rejected():
   with pytest.raises(ConfigError, match=r'config.log_every_steps=-1 is invalid'):
-    configuration.validate(base_config(log_every_steps=-1))
+    schema.validate(base_config(log_every_steps=-1))

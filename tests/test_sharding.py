@@ -1,19 +1,19 @@
-"""Data parallelism: 8 CPU devices train like 1, with the batch split over a 'data' mesh axis."""
+"""Data parallelism: 8 CPU devices train like 1, with the batch split over a 'data' mesh axis.
+
+That batches must split evenly over the devices is the plan's check (tests/test_plan.py)."""
 
 import json
 
 import numpy as np
-import pytest
 
 from conftest import run_python
-from flax_mnist import configuration, parallel
-from flax_mnist.errors import ConfigError
+from flax_mnist import sharding
 
 _TRAIN = '''
 import json, jax
 from conftest import small_config
-from flax_mnist import train
-rows = train.train_and_evaluate(small_config({data_dir!r}, num_epochs=3), {workdir!r})
+from flax_mnist import loop
+rows = loop.train_and_evaluate(small_config({data_dir!r}, num_epochs=3), {workdir!r})
 print('ROWS', jax.device_count(), json.dumps(rows))
 '''
 
@@ -41,11 +41,15 @@ def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
 
 
 def test_mesh_spans_every_device():
-  mesh = parallel.make_mesh()
-  assert mesh.axis_names == (parallel.DATA_AXIS,) and mesh.size >= 1
+  mesh = sharding.make_mesh()
+  assert mesh.axis_names == (sharding.DATA_AXIS,) and mesh.size >= 1
 
 
-def test_batch_must_split_evenly_over_devices():
-  from configs import base
-  with pytest.raises(ConfigError, match='config.batch_size=500 is not divisible by the 8 devices'):
-    configuration.validate(base.get_config(), device_count=8)
+def test_one_process_feeds_every_row_of_a_batch():
+  mesh = sharding.make_mesh()
+  np.testing.assert_array_equal(sharding.process_rows(mesh, 8 * mesh.size),
+                                np.arange(8 * mesh.size))
+  images = np.arange(8 * mesh.size * 3).reshape(8 * mesh.size, 3)
+  (batch,) = sharding.put_batch(mesh, images)
+  assert batch.sharding == sharding.batch_sharded(mesh)
+  np.testing.assert_array_equal(batch, images)

@@ -1,4 +1,5 @@
-"""Keras HDF5: our export loads in Keras 3 and tf-keras 2; Keras-written files import."""
+"""Keras HDF5 (flax_mnist/keras/): our export loads in Keras 3 and tf-keras 2; Keras-written
+files import."""
 
 import os
 
@@ -12,13 +13,23 @@ import pytest
 from flax import nnx
 
 from conftest import base_config
-from flax_mnist import idx, keras_export, keras_import, model as model_lib, modes, train
+from flax_mnist import loop, model as model_lib, modes
+from flax_mnist import plan as plan_lib
+from flax_mnist.data import idx
+from flax_mnist.keras import export as keras_export
+from flax_mnist.keras import weights as keras_weights
+from flax_mnist.reporting import jsonl
 
 
 @pytest.fixture(scope='module')
 def test_images(mnist_dir):
   images, labels = idx.read_split(mnist_dir, 'test')
   return images.reshape(-1, 784).astype(np.float32) / 255.0, labels
+
+
+def _cnn(config):
+  """A fresh CNN of `config` (initial weights), planned for the CPU."""
+  return model_lib.CNN(config, plan_lib.make(config, 'cpu', 1), rngs=nnx.Rngs(params=0))
 
 
 def _flax_probabilities(model, images):
@@ -35,9 +46,9 @@ def test_export_loads_in_keras_with_equal_predictions(trained_workdir, test_imag
                                                       prepared_data_dir, keras_module):
   from conftest import small_config
   config = small_config(prepared_data_dir)
-  graphdef, state, _ = modes.restore(config, str(trained_workdir), 'latest')
-  flax_model = train.nnx_model(graphdef, state)
-  path = trained_workdir / train.EXPORT_NAME  # Written by training, as the seed does.
+  restored = modes.restore(config, plan_lib.decide(config), str(trained_workdir), 'latest')
+  flax_model = loop.nnx_model(restored.graphdef, restored.state)
+  path = trained_workdir / keras_export.EXPORT_NAME  # Written by training, as the seed does.
   keras_model = _load(keras_module, path)
   images, _ = test_images
   keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
@@ -50,7 +61,7 @@ def test_export_loads_in_keras_with_equal_predictions(trained_workdir, test_imag
 
 def test_export_has_no_code_and_the_seed_layout(tmp_path):
   config = base_config(kernel_size=5)
-  model = model_lib.CNN(config, rngs=nnx.Rngs(params=0))
+  model = _cnn(config)
   path = keras_export.export_h5(model, config, tmp_path / 'm.h5')
   with h5py.File(path) as f:
     text = f.attrs['model_config']
@@ -63,8 +74,7 @@ def test_export_has_no_code_and_the_seed_layout(tmp_path):
 def test_export_needs_an_h5_name(tmp_path):
   config = base_config()
   with pytest.raises(ValueError, match='needs a .h5 or .hdf5 name'):
-    keras_export.export_h5(model_lib.CNN(config, rngs=nnx.Rngs(params=0)), config,
-                           tmp_path / 'model.keras')
+    keras_export.export_h5(_cnn(config), config, tmp_path / 'model.keras')
 
 
 def _seed_keras_model(keras, kernel_size=3):
@@ -88,48 +98,49 @@ def test_import_keras_trained_seed_model(tmp_path, test_images, keras_module):
                   verbose=0)
   path = tmp_path / 'keras_cnn.h5'
   keras_model.save(str(path))
-  model = model_lib.CNN(base_config(), rngs=nnx.Rngs(params=0))
-  keras_import.load_weights(model, path)
+  model = _cnn(base_config())
+  keras_weights.load_weights(model, path)
   keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
   assert np.abs(_flax_probabilities(model, images) - keras_probs).max() <= 1e-5
 
 
 def test_import_rejects_another_architecture(trained_workdir):
-  model = model_lib.CNN(base_config(kernel_size=5), rngs=nnx.Rngs(params=0))
-  with pytest.raises(keras_import.KerasImportError,
+  model = _cnn(base_config(kernel_size=5))
+  with pytest.raises(keras_weights.KerasImportError,
                      match=r"layer 'conv2d' has weights of shapes \[\(3, 3, 1, 32\), \(32,\)\]; "
                            r"this model's 'conv2d' needs \[\(5, 5, 1, 32\), \(32,\)\]"):
-    keras_import.load_weights(model, trained_workdir / train.EXPORT_NAME)
+    keras_weights.load_weights(model, trained_workdir / keras_export.EXPORT_NAME)
 
 
 def test_import_rejects_non_hdf5(tmp_path):
   path = tmp_path / 'fake.h5'
   path.write_text('not hdf5')
-  model = model_lib.CNN(base_config(), rngs=nnx.Rngs(params=0))
-  with pytest.raises(keras_import.KerasImportError, match='fake.h5 is not an HDF5 file'):
-    keras_import.load_weights(model, path)
+  model = _cnn(base_config())
+  with pytest.raises(keras_weights.KerasImportError, match='fake.h5 is not an HDF5 file'):
+    keras_weights.load_weights(model, path)
 
 
 def test_import_refuses_external_links(tmp_path, trained_workdir):
   path = tmp_path / 'linked.h5'
   with h5py.File(path, 'w') as f:
-    f['model_weights'] = h5py.ExternalLink(str(trained_workdir / train.EXPORT_NAME),
+    f['model_weights'] = h5py.ExternalLink(str(trained_workdir / keras_export.EXPORT_NAME),
                                            '/model_weights')
-  model = model_lib.CNN(base_config(), rngs=nnx.Rngs(params=0))
-  with pytest.raises(keras_import.KerasImportError, match='is a ExternalLink; only plain'):
-    keras_import.load_weights(model, path)
+  model = _cnn(base_config())
+  with pytest.raises(keras_weights.KerasImportError, match='is a ExternalLink; only plain'):
+    keras_weights.load_weights(model, path)
 
 
 def test_init_from_starts_eval_and_training_from_the_file(trained_workdir, prepared_data_dir,
                                                           tmp_path, capsys):
   from conftest import small_config
-  h5 = str(trained_workdir / train.EXPORT_NAME)
+  h5 = str(trained_workdir / keras_export.EXPORT_NAME)
   config = small_config(prepared_data_dir, init_from=h5, num_epochs=1)
-  row = modes.run_eval(config, str(tmp_path / 'eval'), 'latest')  # No checkpoint: the .h5.
-  recorded = train.reporting.read_metrics(trained_workdir / 'metrics.jsonl')[-1]
+  plan = plan_lib.decide(config)
+  row = modes.run_eval(config, plan, str(tmp_path / 'eval'), 'latest')  # No checkpoint: the .h5.
+  recorded = jsonl.read(trained_workdir / jsonl.METRICS_FILE)[-1]
   assert row['val_accuracy'] == recorded['val_accuracy']
-  fresh = train.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1),
-                                   str(tmp_path / 'fresh'))
-  warm = train.train_and_evaluate(config, str(tmp_path / 'warm'))
+  fresh = loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1),
+                                  str(tmp_path / 'fresh'))
+  warm = loop.train_and_evaluate(config, str(tmp_path / 'warm'), plan)
   assert f'Starting from the weights in {h5}' in capsys.readouterr().out
   assert warm[0]['val_accuracy'] > fresh[0]['val_accuracy']

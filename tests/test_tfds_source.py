@@ -1,10 +1,10 @@
-"""Offline tfds preparation from IDX files, and fixed-shape, reproducible batching."""
+"""tfds datasets read into memory, and their offline preparation from IDX files."""
 
 import numpy as np
 import pytest
 
 from conftest import base_config
-from flax_mnist import input_pipeline
+from flax_mnist.data import tfds_source
 from flax_mnist.errors import DataError
 
 
@@ -13,10 +13,10 @@ def _config(data_dir, **overrides):
 
 
 def test_offline_preparation_gives_full_splits_through_tfds(prepared_data_dir, mnist_dir):
-  from flax_mnist import idx
+  from flax_mnist.data import idx
   config = _config(prepared_data_dir)
-  train = input_pipeline.load_split(config, 'train')
-  test = input_pipeline.load_split(config, 'test')
+  train = tfds_source.load_split(config, 'train')
+  test = tfds_source.load_split(config, 'test')
   assert (len(train), len(test)) == (60000, 10000)
   assert train.images.shape == (60000, 28, 28, 1) and train.images.dtype == np.uint8
   # Same examples as the IDX files (tfds stores them in its own key-hash order).
@@ -27,31 +27,31 @@ def test_offline_preparation_gives_full_splits_through_tfds(prepared_data_dir, m
 
 def test_seed_split_and_second_preparation_is_a_no_op(prepared_data_dir, mnist_dir):
   config = _config(prepared_data_dir, idx_dir=str(mnist_dir))
-  train = input_pipeline.load_split(config, config.train_split)
+  train = tfds_source.load_split(config, config.train_split)
   assert len(train) == 55000
 
 
 def test_unknown_dataset(tmp_path):
   with pytest.raises(DataError, match="config.dataset='mnits' is not a tfds dataset"):
-    input_pipeline.get_builder(_config(str(tmp_path), dataset='mnits'))
+    tfds_source.get_builder(_config(str(tmp_path), dataset='mnits'))
 
 
 def test_dataset_with_other_shape(tmp_path):
   with pytest.raises(DataError, match=r"'cifar10' has images of shape \(32, 32, 3\) and 10 "
                      "label classes; this model needs 28x28x1"):
-    input_pipeline.get_builder(_config(str(tmp_path), dataset='cifar10'))
+    tfds_source.get_builder(_config(str(tmp_path), dataset='cifar10'))
 
 
 def test_download_failure_points_to_idx_dir(tmp_path, monkeypatch):
   config = _config(str(tmp_path))
-  builder = input_pipeline.get_builder(config)
+  builder = tfds_source.get_builder(config)
 
   def offline(*args, **kwargs):
     raise ConnectionError('Failed to resolve host\nmore detail')
   monkeypatch.setattr(builder, 'download_and_prepare', offline)
   with pytest.raises(DataError, match=r"could not download 'mnist' \(ConnectionError: Failed to "
                      r"resolve host\); to work offline.*--config.idx_dir=FOLDER"):
-    input_pipeline.ensure_prepared(config, builder)
+    tfds_source.ensure_prepared(config, builder)
 
 
 def test_bad_idx_file_fails_before_writing(tmp_path, mnist_dir):
@@ -62,36 +62,5 @@ def test_bad_idx_file_fails_before_writing(tmp_path, mnist_dir):
   (idx_dir / 't10k-labels-idx1-ubyte.gz').write_bytes(b'not an idx file')
   config = _config(str(tmp_path / 'tfds'), idx_dir=str(idx_dir))
   with pytest.raises(DataError, match='t10k-labels-idx1-ubyte.gz: bad magic number'):
-    input_pipeline.ensure_prepared(config, input_pipeline.get_builder(config))
+    tfds_source.ensure_prepared(config, tfds_source.get_builder(config))
   assert not (tmp_path / 'tfds' / 'mnist').exists()
-
-
-def test_epoch_order_is_a_function_of_seed_and_epoch():
-  a = input_pipeline.epoch_order(1000, seed=42, epoch=3)
-  np.testing.assert_array_equal(a, input_pipeline.epoch_order(1000, seed=42, epoch=3))
-  assert sorted(a) == list(range(1000))
-  assert not np.array_equal(a, input_pipeline.epoch_order(1000, seed=42, epoch=4))
-  assert not np.array_equal(a, input_pipeline.epoch_order(1000, seed=43, epoch=3))
-
-
-def _split(n):
-  return input_pipeline.Split(images=np.zeros((n, 28, 28, 1), np.uint8),
-                              labels=np.arange(n, dtype=np.int32))
-
-
-def test_train_batches_drop_the_partial_batch():
-  split = _split(1050)
-  batches = list(input_pipeline.train_batches(split, 100, seed=0, epoch=1))
-  assert len(batches) == 10 and all(b[0].shape == (100, 28, 28, 1) for b in batches)
-  labels = np.concatenate([b[1] for b in batches])
-  assert len(set(labels.tolist())) == 1000
-
-
-def test_eval_batches_cover_every_example_once():
-  split = _split(1050)
-  batches = list(input_pipeline.eval_batches(split, 200))
-  assert all(b[0].shape == (200, 28, 28, 1) for b in batches)
-  masks = np.concatenate([b[2] for b in batches])
-  labels = np.concatenate([b[1] for b in batches])
-  assert masks.sum() == 1050
-  np.testing.assert_array_equal(labels[masks == 1], np.arange(1050))

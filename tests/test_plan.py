@@ -1,0 +1,132 @@
+"""The run plan: every 'auto' decided once per backend and device count, the configs it
+refuses, the line it prints, and that no other module asks JAX which backend it runs on."""
+
+import pathlib
+import re
+
+import pytest
+
+from conftest import REPO, base_config
+from flax_mnist import plan as plan_lib
+from flax_mnist.errors import ConfigError
+
+
+def _conv(backend, in_features, **overrides):
+  return plan_lib.conv_impl(base_config(**overrides), backend, in_features)
+
+
+def test_auto_conv_per_backend_and_layer():
+  # CPU: Winograd for float32 layers with several input channels and a 3x3 or 5x5 kernel.
+  assert _conv('cpu', 32, kernel_size=3) == 'winograd'
+  assert _conv('cpu', 32, kernel_size=5) == 'winograd'
+  assert _conv('cpu', 1, kernel_size=3) == 'im2col_vjp'
+  assert _conv('cpu', 32, kernel_size=4) == 'im2col_vjp'
+  assert _conv('cpu', 32, kernel_size=3, dtype='bfloat16') == 'im2col_vjp'
+  assert _conv('gpu', 32, kernel_size=3) == 'xla'
+  # A 1-channel first layer: im2col's 9-channel matmul beats cuDNN on GPU (not known for TPU).
+  assert _conv('gpu', 1) == 'im2col'
+  assert _conv('gpu', 32) == 'xla'
+  assert _conv('tpu', 1) == 'xla' and _conv('tpu', 32) == 'xla'
+  assert _conv('cpu', 32, conv_impl='xla') == 'xla'
+  assert _conv('gpu', 1, conv_impl='winograd') == 'winograd'  # A named choice is kept as is.
+
+
+@pytest.mark.parametrize('backend, conv1, conv2', [('cpu', 'im2col_vjp', 'winograd'),
+                                                   ('gpu', 'im2col', 'xla'),
+                                                   ('tpu', 'xla', 'xla')])
+def test_plan_holds_each_layers_conv(backend, conv1, conv2):
+  plan = plan_lib.make(base_config(), backend, 1)
+  assert (plan.conv1, plan.conv2) == (conv1, conv2)
+
+
+def _micro(backend, devices, **overrides):
+  return plan_lib.make(base_config(**overrides), backend, devices).micro_batch
+
+
+def test_auto_micro_batch_size():
+  assert _micro('cpu', 1) == 50  # auto: winograd conv2 on CPU.
+  assert _micro('cpu', 1, kernel_size=5) == 50
+  assert _micro('cpu', 4) == 100  # 200 -> 100: 200 does not divide 500.
+  assert _micro('cpu', 1, conv_impl='im2col_vjp') == 20
+  assert _micro('cpu', 1, conv_impl='im2col_vjp', kernel_size=5) == 10
+  assert _micro('cpu', 4, conv_impl='im2col_vjp') == 20  # 84 -> 20: 40, 60, 80 do not divide 500.
+  # bfloat16 and kernel sizes without a Winograd transform: im2col_vjp's sizes.
+  assert _micro('cpu', 1, dtype='bfloat16') == 20
+  assert _micro('cpu', 1, kernel_size=4) == 10
+  assert _micro('cpu', 1, conv_impl='im2col') == 10
+  assert _micro('cpu', 1, conv_impl='im2col', kernel_size=5) == 5
+  assert _micro('gpu', 1) == 500
+  assert _micro('cpu', 1, conv_impl='xla') == 500
+  assert _micro('cpu', 1, micro_batch_size=50) == 50
+
+
+def test_micro_batch_counts_divide_both_batches():
+  plan = plan_lib.make(base_config(), 'cpu', 1)  # Batches 500 and 1000, micro-batches of 50.
+  assert (plan.train_micro_batches, plan.eval_micro_batches) == (10, 20)
+  plan = plan_lib.make(base_config(), 'gpu', 1)  # The whole training batch.
+  assert (plan.train_micro_batches, plan.eval_micro_batches) == (1, 2)
+
+
+def test_pool_variant_follows_dtype():
+  assert plan_lib.make(base_config(), 'cpu', 1).pool == 'fused'
+  assert plan_lib.make(base_config(dtype='bfloat16'), 'gpu', 1).pool == 'autodiff'
+
+
+@pytest.mark.parametrize('backend, devices, processes, expected', [
+    ('gpu', 1, 1, True), ('tpu', 4, 1, True), ('cpu', 1, 1, False), ('cpu', 4, 1, False),
+    ('gpu', 4, 2, False), ('tpu', 4, 4, False)])
+def test_auto_device_data_on_accelerators_with_one_process(backend, devices, processes,
+                                                           expected):
+  plan = plan_lib.make(base_config(), backend, devices, processes)
+  assert plan.device_data is expected
+
+
+def test_device_data_on_and_off_override_auto():
+  assert plan_lib.make(base_config(device_data='on'), 'cpu', 1).device_data is True
+  assert plan_lib.make(base_config(device_data='off'), 'gpu', 1).device_data is False
+  assert plan_lib.make(base_config(device_data='on'), 'gpu', 4, 2).device_data is True
+
+
+@pytest.mark.parametrize('overrides, field, value', [
+    ({}, 'batch_size', 500),
+    ({'batch_size': 400, 'eval_batch_size': 900}, 'eval_batch_size', 900),
+    ({'batch_size': 400, 'eval_batch_size': 800, 'micro_batch_size': 20}, 'micro_batch_size', 20)])
+def test_batches_must_split_evenly_over_devices(overrides, field, value):
+  with pytest.raises(ConfigError,
+                     match=f'config.{field}={value} is not divisible by the 8 devices'):
+    plan_lib.make(base_config(**overrides), 'cpu', 8)
+  plan_lib.make(base_config(**overrides), 'cpu', 4)  # Any of them divides by 4.
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_winograd_needs_a_kernel_size_it_has_a_transform_for(backend):
+  with pytest.raises(ConfigError, match='conv_impl=winograd has no transform for kernel_size=4'):
+    plan_lib.make(base_config(conv_impl='winograd', kernel_size=4), backend, 1)
+  plan_lib.make(base_config(conv_impl='winograd', kernel_size=5), backend, 1)
+  # auto never picks Winograd where it cannot run.
+  assert plan_lib.make(base_config(kernel_size=4), 'cpu', 1).conv2 == 'im2col_vjp'
+
+
+def test_line_names_every_decision():
+  line = plan_lib.make(base_config(), 'cpu', 1).line()
+  assert line.startswith('Plan: cpu x1 - ')
+  for part in ('conv1 im2col_vjp', 'conv2 winograd', 'pool fused', 'micro-batch 50',
+               '10 per train batch', '20 per eval batch', 'host-fed'):
+    assert part in line, (part, line)
+  line = plan_lib.make(base_config(), 'gpu', 4, 2).line()
+  assert 'gpu x4 on 2 processes' in line and 'host-fed' in line
+  assert 'device-resident data' in plan_lib.make(base_config(), 'gpu', 1).line()
+
+
+def test_to_dict_holds_every_field():
+  plan = plan_lib.make(base_config(), 'cpu', 1)
+  assert plan_lib.Plan(**plan.to_dict()) == plan
+
+
+def test_only_the_plan_asks_jax_for_the_backend():
+  """Every backend-dependent choice goes through the plan, so it is printed and checkpointed."""
+  package = REPO / 'flax_mnist'
+  callers = sorted(str(path.relative_to(package)) for path in package.rglob('*.py')
+                   if re.search(r'\bdefault_backend\s*\(', path.read_text()))
+  assert callers == ['plan.py']
+  assert pathlib.Path(plan_lib.__file__).resolve() == package / 'plan.py'
