@@ -29,8 +29,8 @@ Usage:
         5. copy that workdir back from worker 0 into workdir/tpu-NAME/ here.
       Run it again to resume on the same VM. The VM keeps running (and billing) afterwards:
         gcloud compute tpus tpu-vm delete NAME --zone=ZONE
-      Batch size 500 must divide by the device count: v4-8 has 4 devices, v5litepod-1/4 have
-      1/4; on 8-device types (v2-8, v3-8, v5litepod-8, v6e-8) add --config.batch_size=504.
+      Batch 500 runs on any type: where the device count does not divide it (8-device
+      types such as v2-8), each batch is padded with masked rows that change nothing.
       Multi-host slices (e.g. v4-16) run one process per worker; only worker 0's workdir
       comes back.
   ./launch.sh --help

@@ -3,8 +3,8 @@ returns (state, MetricSums) for epoch `epoch`.
 
 - HostFed: one jit step per batch, batches built on the host. One step stays in flight: after
   dispatching step i the host reads step i-1's metrics, so the device never idles and the
-  progress bar and TensorBoard show real progress with no per-step stall. Ctrl-C stops it
-  before any step (interrupt.StoppedMidEpoch).
+  progress bar and TensorBoard show real progress with no per-step stall. A stop signal stops
+  it before a step (interrupt.StoppedMidEpoch); with several processes, all at the same step.
 - DeviceResident: the split lives on the devices and an epoch is one `lax.scan`: for
   accelerators, where a step takes microseconds and a host round trip per step would dominate.
   Its batch order is the host path's (seed, epoch) permutation gathered on the device, so both
@@ -47,9 +47,11 @@ class Resume:
 
 @dataclasses.dataclass
 class Progress:
-  """What an epoch reports to while it runs: the bar, and TensorBoard's per-step log."""
+  """What an epoch reports to while it runs (the bar, TensorBoard's per-step log) and asks
+  whether to stop before a step (interrupt.LocalStop or AgreedStop)."""
   bar: console.ProgressBar
   step_log: object = None  # reporting.tensorboard.StepLog, or None.
+  stop: object = dataclasses.field(default_factory=interrupt.LocalStop)
 
 
 def _add(total, sums):
@@ -67,22 +69,24 @@ class HostFed:
   """Epochs of host-built batches, one compiled train step each."""
 
   def __init__(self, graphdef, tx, state, mesh, plan, config, split: batches.Split):
-    self.mesh, self.config, self.split = mesh, config, split
+    self.mesh, self.config, self.split, self.plan = mesh, config, split, plan
+    dtypes = (np.uint8, np.int32) + ((np.float32,) if plan.train_padding else ())
     self.step = steps_lib.jit_train_step(graphdef, tx, mesh, plan).lower(
-        state, *batch_specs(mesh, config.batch_size, np.uint8, np.int32)).compile()
+        state, *batch_specs(mesh, plan.train_batch, *dtypes)).compile()
 
   def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):
     first, total = (0, None) if resume is None else (resume.batches, resume.sums)
     previous, done = None, first
     config, bar, log = self.config, progress.bar, progress.step_log
+    plan = self.plan
     epoch_batches = batches.train_batches(
         self.split, config.batch_size, config.seed, epoch,
-        sharding.process_rows(self.mesh, config.batch_size))
-    for done, (images, labels) in enumerate(itertools.islice(epoch_batches, first, None),
-                                            start=first + 1):
-      if interrupt.requested():
+        sharding.process_rows(self.mesh, plan.train_batch),
+        plan.train_batch if plan.train_padding else None)
+    for done, batch in enumerate(itertools.islice(epoch_batches, first, None), start=first + 1):
+      if progress.stop.before_step():
         raise interrupt.StoppedMidEpoch(state, epoch, done - 1, total)
-      state, metrics = self.step(state, *sharding.put_batch(self.mesh, images, labels))
+      state, metrics = self.step(state, *sharding.put_batch(self.mesh, *batch))
       total = _add(total, metrics)
       if previous is not None:
         bar.update(done - 1, previous.means()[0] if bar.enabled else None)
@@ -96,23 +100,29 @@ class HostFed:
     return state, total
 
 
-def epoch_rows(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-  """(steps, batch_size) example indices: the host path's batches of this epoch."""
+def epoch_rows(num_examples: int, batch_size: int, seed: int, epoch: int,
+               padding: int = 0) -> np.ndarray:
+  """(steps, batch_size + padding) example indices: the host path's batches of this epoch,
+  each followed by `padding` rows of example 0 (masked out by the step)."""
   steps = batches.steps_per_epoch(num_examples, batch_size)
   order = batches.epoch_order(num_examples, seed, epoch)
-  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+  rows = order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+  return np.pad(rows, ((0, 0), (0, padding))) if padding else rows
 
 
 def _scan_epoch(graphdef, tx, mesh, plan):
   """jit(state, images, labels, rows) -> (state, (sums, per-step sums)): the steps of `rows`
   as one lax.scan; per-step sums are stacked (steps,) arrays, for logging every N steps."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  real = plan.train_batch - plan.train_padding
+  mask = (np.arange(plan.train_batch) < real).astype(np.float32) if plan.train_padding else None
 
   def epoch(state, images, labels, rows):
     def body(state, batch_rows):
       x = jax.lax.with_sharding_constraint(images[batch_rows], data)
       y = jax.lax.with_sharding_constraint(labels[batch_rows], data)
-      return steps_lib.train_step(graphdef, tx, plan.train_micro_batches, state, x, y)
+      m = () if mask is None else (jax.lax.with_sharding_constraint(mask, data),)
+      return steps_lib.train_step(graphdef, tx, plan.train_micro_batches, state, x, y, *m)
     # Two steps per loop iteration: faster on GPU (benchmarks/RESULTS.md); same maths.
     state, per_step = jax.lax.scan(body, state, rows, unroll=2)
     return state, (jax.tree.map(lambda m: m.sum(0), per_step), per_step)
@@ -125,17 +135,18 @@ class DeviceResident:
 
   def __init__(self, graphdef, tx, state, mesh, plan, config, split: batches.Split,
                resume: Resume | None = None):
-    self.config, self.num_examples = config, len(split)
+    self.config, self.num_examples, self.padding = config, len(split), plan.train_padding
     self.split = jax.device_put((split.images, split.labels), sharding.replicated(mesh))
     scan = _scan_epoch(graphdef, tx, mesh, plan)
     steps = batches.steps_per_epoch(len(split), config.batch_size)
     lengths = {steps} | ({steps - resume.batches} if resume else set())
     self.compiled = {n: scan.lower(state, *self.split, jax.ShapeDtypeStruct(
-        (n, config.batch_size), np.int32)).compile() for n in lengths if n > 0}
+        (n, plan.train_batch), np.int32)).compile() for n in lengths if n > 0}
 
   @functools.lru_cache(maxsize=2)
   def _rows(self, epoch: int, first: int = 0) -> jax.Array:
-    rows = epoch_rows(self.num_examples, self.config.batch_size, self.config.seed, epoch)
+    rows = epoch_rows(self.num_examples, self.config.batch_size, self.config.seed, epoch,
+                      self.padding)
     return jax.device_put(rows[first:], self.split[0].sharding)  # Replicated, every process.
 
   def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):

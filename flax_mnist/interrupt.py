@@ -84,3 +84,61 @@ def catch_stop_signals() -> Iterator[None]:
     for s, handler in previous.items():
       signal.signal(s, handler)
     _requested.clear()
+
+
+class LocalStop:
+  """When to stop, for a single process: as soon as it was signalled."""
+
+  def before_step(self) -> bool:
+    return requested()
+
+  def between_epochs(self) -> bool:
+    return requested()
+
+
+class AgreedStop:
+  """When to stop, for several processes: all of them after the same step, as soon as any one
+  was signalled, so that all join the same checkpoint.
+
+  Before each step every process casts its vote (the signal it received, or 0) into a max over
+  all devices, an asynchronous device computation, and reads the outcome of the previous step's
+  vote, which is done by then: the answer comes one step late but costs no wait, and it is the
+  same in every process. Between epochs a vote is read at once. JAX's own preemption sync point
+  is not used: it sees only SIGTERM, not Ctrl-C.
+  """
+
+  def __init__(self, mesh):
+    import jax
+    from flax_mnist import sharding
+    self._local = len(mesh.local_devices)
+    self._sharding = sharding.batch_sharded(mesh)
+    self._max = jax.jit(lambda votes: votes.max(), out_shardings=sharding.replicated(mesh))
+    self._pending = None
+
+  def _cast(self):
+    import jax
+    import numpy as np
+    own = _received[0] if requested() else 0
+    return self._max(jax.make_array_from_process_local_data(
+        self._sharding, np.full(self._local, own, np.int32)))
+
+  @staticmethod
+  def _outcome(vote) -> bool:
+    import jax
+    signum = int(jax.device_get(vote))
+    if signum:
+      request(signum)  # A process that was not signalled stops, and exits, as the one that was.
+    return bool(signum)
+
+  def before_step(self) -> bool:
+    previous, self._pending = self._pending, self._cast()
+    return previous is not None and self._outcome(previous)
+
+  def between_epochs(self) -> bool:
+    self._pending = None
+    return self._outcome(self._cast())
+
+
+def stop_rule(mesh, processes: int):
+  """LocalStop for one process, AgreedStop for several."""
+  return LocalStop() if processes == 1 else AgreedStop(mesh)

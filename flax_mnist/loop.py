@@ -29,17 +29,19 @@ def nnx_model(graphdef, state) -> model_lib.CNN:
   return nnx.merge(graphdef, state.params)
 
 
-def compile_eval(graphdef, state, mesh, plan, config):
-  """The eval step, compiled ahead of time for config.eval_batch_size."""
+def compile_eval(graphdef, state, mesh, plan):
+  """The eval step, compiled ahead of time for the plan's (padded) eval batch."""
   return steps_lib.jit_eval_step(graphdef, mesh, plan).lower(state.params, *epochs.batch_specs(
-      mesh, config.eval_batch_size, np.uint8, np.int32, np.float32)).compile()
+      mesh, plan.eval_batch, np.uint8, np.int32, np.float32)).compile()
 
 
-def evaluate(evaluate_step, params, mesh, split, batch_size) -> tuple[float, float]:
-  """(loss, accuracy) over every example of `split`, padded batches masked out."""
+def evaluate(evaluate_step, params, mesh, split, batch_size, padded_size
+             ) -> tuple[float, float]:
+  """(loss, accuracy) over every example of `split`, `batch_size` at a time in batches padded
+  to `padded_size` rows; padding masked out."""
   total = None
-  rows = sharding.process_rows(mesh, batch_size)
-  for images, labels, mask in batches.eval_batches(split, batch_size, rows):
+  rows = sharding.process_rows(mesh, padded_size)
+  for images, labels, mask in batches.eval_batches(split, batch_size, rows, padded_size):
     sums = evaluate_step(params, *sharding.put_batch(mesh, images, labels, mask))
     total = sums if total is None else total + sums
   return total.means()
@@ -109,7 +111,7 @@ class _Run:
     if not history:
       say(model_lib.summary(config, nnx_model(self.graphdef, state)))
     start = time.perf_counter()
-    evaluate_step = compile_eval(self.graphdef, state, mesh, self.plan, config)
+    evaluate_step = compile_eval(self.graphdef, state, mesh, self.plan)
     engine = epochs.build(self.graphdef, self.tx, state, mesh, self.plan, config, train_split,
                           resume)
     steps = batches.steps_per_epoch(len(train_split), config.batch_size)
@@ -117,14 +119,15 @@ class _Run:
     say(f'Compiled in {time.perf_counter() - start:.1f}s. Train on {num_samples} samples, '
         f'validate on {len(eval_split)} samples')
     writer = tensorboard.MetricWriter(self.workdir, int(state.step), config.log_every_steps)
+    stop_rule = interrupt.stop_rule(mesh, self.plan.processes)
     for epoch in range(epoch + 1, config.num_epochs + 1):
-      if interrupt.requested():  # Between epochs: the last one's checkpoint is saved.
+      if stop_rule.between_epochs():  # The last epoch's checkpoint is saved.
         self.stop(state, history)
       start = time.perf_counter()
       first_step = int(state.step) - (resume.batches if resume else 0)
       progress = epochs.Progress(
           console.ProgressBar(steps, enabled=config.progress_bar and distributed.is_main()),
-          writer.step_log(first_step))
+          writer.step_log(first_step), stop_rule)
       try:
         state, sums = engine.run(state, epoch, progress, resume)
       except interrupt.StoppedMidEpoch as stop:
@@ -134,7 +137,7 @@ class _Run:
       loss, accuracy = sums.means()
       train_seconds = time.perf_counter() - start
       val_loss, val_accuracy = evaluate(evaluate_step, state.params, mesh, eval_split,
-                                        config.eval_batch_size)
+                                        config.eval_batch_size, self.plan.eval_batch)
       row = dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
                  val_accuracy=val_accuracy, seconds=time.perf_counter() - start,
                  samples_per_second=num_samples / train_seconds)

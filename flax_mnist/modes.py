@@ -58,10 +58,10 @@ def run_eval(config, plan, workdir: str, step: str) -> dict:
   """Evaluates a checkpoint on config.eval_split; prints and appends to WORKDIR/eval.jsonl."""
   restored = restore(config, plan, workdir, step)
   mesh = sharding.make_mesh()
-  evaluate_step = loop.compile_eval(restored.graphdef, restored.state, mesh, plan, config)
+  evaluate_step = loop.compile_eval(restored.graphdef, restored.state, mesh, plan)
   split = tfds_source.load_split(config, config.eval_split)
   val_loss, val_accuracy = loop.evaluate(evaluate_step, restored.state.params, mesh, split,
-                                         config.eval_batch_size)
+                                         config.eval_batch_size, plan.eval_batch)
   meta = restored.meta
   row = dict(step=int(restored.state.step), epoch=meta['epoch'] if meta else None,
              split=config.eval_split, val_loss=val_loss, val_accuracy=val_accuracy)
@@ -75,11 +75,13 @@ def run_eval(config, plan, workdir: str, step: str) -> dict:
 
 
 def run_export(config, plan, workdir: str, step: str, output: str) -> pathlib.Path:
-  """Writes checkpoint `step` as a Keras .h5 (default WORKDIR/keras_cnn.h5)."""
+  """Writes checkpoint `step` as a Keras file: .h5/.hdf5 (default WORKDIR/keras_cnn.h5, the
+  seed's) or Keras 3's .keras, as `output`'s suffix says. The name is checked before the
+  checkpoint is restored, so that a typo fails at once."""
+  path = keras_export.check_name(output or pathlib.Path(workdir) / keras_export.EXPORT_NAME)
   restored = restore(config, plan, workdir, step)
-  path = pathlib.Path(output) if output else pathlib.Path(workdir) / keras_export.EXPORT_NAME
   if distributed.is_main():
-    keras_export.export_h5(restored.model(), config, path)
+    keras_export.export(restored.model(), config, path)
   say(f'Exported {restored.describe()} to {path}')
   return path
 

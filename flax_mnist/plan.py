@@ -15,12 +15,15 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   values differentiated by JAX (faster there on GPU).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
+- padding: a batch that the device count does not divide is padded to the next multiple with
+  masked rows that change nothing computed (batch 500 on 8 devices: 504 rows, 4 masked).
 """
 
 import dataclasses
 
 from flax_mnist import geometry
 from flax_mnist.errors import ConfigError
+from flax_mnist.sharding import padded_size
 from flax_mnist.ops.winograd import KERNEL_SIZES as WINOGRAD_KERNEL_SIZES
 # Bytes of conv2 im2col patches per micro-batch and device on CPU, per implementation.
 _CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
@@ -36,7 +39,10 @@ class Plan:
   conv1: str  # Implementation of each convolution (flax_mnist/ops/conv.py).
   conv2: str
   pool: str  # 'fused' (written gradient) or 'autodiff'.
-  micro_batch: int  # Global examples per micro-batch.
+  train_batch: int  # Global rows per train step: config.batch_size padded for the devices.
+  train_padding: int  # Masked rows among them (0 when the devices divide the batch).
+  eval_batch: int  # Global rows per eval step, likewise padded.
+  micro_batch: int  # Global rows per micro-batch.
   train_micro_batches: int
   eval_micro_batches: int
   device_data: bool
@@ -45,10 +51,12 @@ class Plan:
     """The one line printed at start."""
     feed = 'device-resident data' if self.device_data else 'host-fed'
     hosts = f' on {self.processes} processes' if self.processes > 1 else ''
+    padding = (f', batch padded to {self.train_batch} ({self.train_padding} masked rows)'
+               if self.train_padding else '')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
             f'{self.conv2}, pool {self.pool}, micro-batch {self.micro_batch} '
             f'({self.train_micro_batches} per train batch, {self.eval_micro_batches} per eval '
-            f'batch), {feed}')
+            f'batch), {feed}{padding}')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -66,12 +74,14 @@ def conv_impl(config, backend: str, in_features: int) -> str:
 
 
 def micro_batch_size(config, backend: str, devices: int, conv2: str) -> int:
-  """config.micro_batch_size, or for 0 the CPU policy above; always divides both batch sizes
-  and is a multiple of the device count (else the whole batch)."""
+  """config.micro_batch_size, or for 0 the CPU policy above; always divides both (padded)
+  batch sizes and is a multiple of the device count (else the whole batch)."""
+  train, evaluation = (padded_size(config.batch_size, devices),
+                       padded_size(config.eval_batch_size, devices))
   if config.micro_batch_size:
     return config.micro_batch_size
   if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd'):
-    return config.batch_size
+    return train
   if conv2 == 'winograd':
     per_device = _CPU_WINOGRAD_EXAMPLES
   else:
@@ -79,21 +89,27 @@ def micro_batch_size(config, backend: str, devices: int, conv2: str) -> int:
     patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
     per_device = max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
   fits = [m for m in range(devices, per_device * devices + 1, devices)
-          if config.batch_size % m == 0 and config.eval_batch_size % m == 0]
-  return max(fits) if fits else config.batch_size
+          if train % m == 0 and evaluation % m == 0]
+  return max(fits) if fits else train
 
 
-def _check_devices(config, devices: int) -> None:
-  for name in ('batch_size', 'eval_batch_size', 'micro_batch_size'):
-    if config[name] % devices:
-      raise ConfigError(f'config.{name}={config[name]} is not divisible by the {devices} '
-                        f'devices; use a multiple of {devices}.')
+def _check_micro_batch(config, devices: int) -> None:
+  micro = config.micro_batch_size
+  if micro % devices:
+    raise ConfigError(f'config.micro_batch_size={micro} is not divisible by the {devices} '
+                      f'devices; use a multiple of {devices}, or 0 for auto.')
+  train, evaluation = (padded_size(config.batch_size, devices),
+                       padded_size(config.eval_batch_size, devices))
+  if micro and (train % micro or evaluation % micro):
+    raise ConfigError(f'config.micro_batch_size={micro} must divide the batches of '
+                      f'{train} and {evaluation} rows that {devices} devices take; use a common '
+                      'divisor, or 0 for auto.')
 
 
 def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   """The plan for `config` on `devices` devices of `backend` over `processes` processes;
   ConfigError when the config cannot run there."""
-  _check_devices(config, devices)
+  _check_micro_batch(config, devices)
   conv1, conv2 = conv_impl(config, backend, 1), conv_impl(config, backend,
                                                           config.conv1_features)
   if 'winograd' in (conv1, conv2) and config.kernel_size not in WINOGRAD_KERNEL_SIZES:
@@ -106,11 +122,13 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
     device_data = backend != 'cpu' and processes == 1
   else:
     device_data = config.device_data == 'on'
+  train, evaluation = (padded_size(config.batch_size, devices),
+                       padded_size(config.eval_batch_size, devices))
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
-              pool='fused' if config.dtype == 'float32' else 'autodiff', micro_batch=micro,
-              train_micro_batches=max(config.batch_size // micro, 1),
-              eval_micro_batches=max(config.eval_batch_size // micro, 1),
-              device_data=device_data)
+              pool='fused' if config.dtype == 'float32' else 'autodiff', train_batch=train,
+              train_padding=train - config.batch_size, eval_batch=evaluation,
+              micro_batch=micro, train_micro_batches=max(train // micro, 1),
+              eval_micro_batches=max(evaluation // micro, 1), device_data=device_data)
 
 
 def decide(config) -> Plan:

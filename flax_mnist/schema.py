@@ -121,9 +121,9 @@ FIELDS = (
     # Checkpoints and starting weights.
     _positive('keep_checkpoints', 3, 'newest checkpoints kept (plus the best by val_accuracy)',
               resumable=True),
-    Field('init_from', '', 'a Keras `.h5` of the same architecture to start from (weights '
-          'only)', lambda v: not v or v.endswith(('.h5', '.hdf5')),
-          'empty or the path of a Keras .h5/.hdf5 file', resumable=True),
+    Field('init_from', '', 'a Keras `.h5` or `.keras` of the same architecture to start from '
+          '(weights only)', lambda v: not v or v.endswith(('.h5', '.hdf5', '.keras')),
+          'empty or the path of a Keras .h5/.hdf5/.keras file', resumable=True),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 
@@ -144,7 +144,8 @@ def _check_type(field: Field, value) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line, naming the field and the fix) unless every field is known,
-  present, of its type and valid. Checks that need the devices are the plan's."""
+  present, of its type and valid. Checks that need the device count (micro-batch divisibility,
+  kernels) are the plan's."""
   unknown = sorted(set(config.keys()) - set(BY_NAME))
   if unknown:
     raise ConfigError(f'unknown config field(s) {", ".join(unknown)}; valid fields: '
@@ -161,11 +162,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.num_processes and config.process_id >= config.num_processes:
     raise ConfigError(f'config.process_id={config.process_id} must be below '
                       f'config.num_processes={config.num_processes}; number processes from 0.')
-  micro = config.micro_batch_size
-  if micro and (config.batch_size % micro or config.eval_batch_size % micro):
-    raise ConfigError(f'config.micro_batch_size={micro} must divide batch_size='
-                      f'{config.batch_size} and eval_batch_size={config.eval_batch_size}; '
-                      'use a common divisor, or 0 for auto.')
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

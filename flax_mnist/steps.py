@@ -114,26 +114,31 @@ def _sum_over_micro_batches(fn, num: int, *batch):
   return jax.lax.scan(body, zeros, chunks)[0]
 
 
-def train_step(graphdef, tx, num_micro_batches, state: TrainState, images, labels):
+def train_step(graphdef, tx, num_micro_batches, state: TrainState, images, labels,
+               mask=None):
   """One Adam step on a batch; returns the new state and the batch's summed metrics.
 
   Gradients are summed over micro-batches and divided by the batch size: the gradient of the
-  batch's mean loss, however the batch is split.
+  batch's mean loss, however the batch is split. `mask` (a batch padded for the devices) is 0
+  on padding rows, which then add nothing: real rows keep their positions, so their dropout
+  keys, and the divisor is the number of real rows.
   """
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
   example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(
       jnp.arange(labels.shape[0]))
 
-  def grads_and_metrics(x, y, keys):
+  def grads_and_metrics(x, y, keys, m=None):
     def loss_fn(params):
       losses, logits = _loss_and_logits(params, graphdef, x, y, keys)
+      losses = losses if m is None else losses * m
       return losses.sum(), (losses, logits)
     grads, (losses, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
-    return grads, _metric_sums(losses, logits, y)
+    return grads, _metric_sums(losses, logits, y, m)
 
-  grad_sums, metrics = _sum_over_micro_batches(grads_and_metrics, num_micro_batches, images,
-                                               labels, example_keys)
-  grads = jax.tree.map(lambda g: g / labels.shape[0], grad_sums)
+  batch = (images, labels, example_keys) + (() if mask is None else (mask,))
+  grad_sums, metrics = _sum_over_micro_batches(grads_and_metrics, num_micro_batches, *batch)
+  count = labels.shape[0] if mask is None else metrics.count
+  grads = jax.tree.map(lambda g: g / count, grad_sums)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -148,11 +153,13 @@ def eval_step(graphdef, num_micro_batches, params, images, labels, mask):
 
 
 def jit_train_step(graphdef, tx, mesh, plan):
-  """train_step for `mesh`: batches split over devices, state replicated (and donated)."""
+  """train_step for `mesh`: batches split over devices, state replicated (and donated). When
+  the plan pads batches, it takes (state, images, labels, mask)."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  batch = (data, data, data) if plan.train_padding else (data, data)
   return jax.jit(
-      lambda state, x, y: train_step(graphdef, tx, plan.train_micro_batches, state, x, y),
-      in_shardings=(rep, data, data), out_shardings=(rep, rep), donate_argnums=0)
+      lambda state, *xy: train_step(graphdef, tx, plan.train_micro_batches, state, *xy),
+      in_shardings=(rep, *batch), out_shardings=(rep, rep), donate_argnums=0)
 
 
 def jit_eval_step(graphdef, mesh, plan):

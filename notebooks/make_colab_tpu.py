@@ -53,9 +53,10 @@ if not os.path.exists(os.path.join(REPO_DIR, 'pyproject.toml')):
     ('md', 'devices-md', '''\
 ## 2. The TPU
 
-The devices JAX sees, in a separate process. The base config's batch of 500 is split evenly
-over them: 1 device (v5e-1, v6e-1) takes it as is; on 8 (v2-8) the cell picks 504, the next
-multiple of 8.'''),
+The devices JAX sees, in a separate process: 1 on a v5e-1 or v6e-1, 8 on a v2-8. Every TPU
+type trains with the base config's batch of 500. On 8 cores each batch is padded to 504 rows,
+4 of them masked, which changes nothing computed: training's `Plan:` line then ends with
+`batch padded to 504 (4 masked rows)`.'''),
     ('code', 'devices', '''\
 import subprocess
 import sys
@@ -65,10 +66,9 @@ probe = subprocess.run(
     capture_output=True, text=True)
 if probe.returncode:
   raise SystemExit(probe.stderr[-2000:])
-print(probe.stdout.splitlines()[0])
-N_DEVICES = int(probe.stdout.split()[-1])
-BATCH_SIZE = 500 + (-500 % N_DEVICES)  # 500, or the next multiple of the device count.
-print(f'{N_DEVICES} devices, batch size {BATCH_SIZE}')'''),
+devices, count = probe.stdout.strip().splitlines()[-2:]
+print(devices)
+print(f'{count} devices')'''),
     ('md', 'drive-md', '''\
 ## 3. The workdir on Google Drive
 
@@ -79,8 +79,8 @@ runtime, run all the cells again and training says `Resumed from epoch E, step S
 exactly where it stopped. A finished run says so and does nothing (raise `num_epochs` with
 `--config.num_epochs=N` to go on).
 
-Keep the TPU type the same across runtimes: the batch size is part of the checkpoint's
-config, and a workdir written with another one fails, naming the field.'''),
+A workdir resumes on another TPU type too (say a v2-8's on a v5e-1, or the reverse): the
+checkpoints are restored into the current device layout, and the batch is 500 on every one.'''),
     ('code', 'drive', '''\
 from google.colab import drive
 
@@ -93,11 +93,11 @@ print(WORKDIR)'''),
 tfds downloads MNIST on first use. One line per epoch, with loss, accuracy, val_loss and
 val_accuracy; about 99.2% val_accuracy after the 20 epochs.'''),
     ('code', 'train', '''\
-!python -m flax_mnist.main --config configs/base.py --workdir="{WORKDIR}" --config.batch_size={BATCH_SIZE}'''),
+!python -m flax_mnist.main --config configs/base.py --workdir="{WORKDIR}"'''),
     ('md', 'eval-md', '''\
 Evaluate the best checkpoint (by val_accuracy) on the 10,000 test images:'''),
     ('code', 'eval', '''\
-!python -m flax_mnist.main --config configs/base.py --workdir="{WORKDIR}" --config.batch_size={BATCH_SIZE} --mode=eval --step=best'''),
+!python -m flax_mnist.main --config configs/base.py --workdir="{WORKDIR}" --mode=eval --step=best'''),
     ('md', 'export-md', '''\
 ## 5. Export and download `keras_cnn.h5`
 
@@ -105,7 +105,7 @@ Evaluate the best checkpoint (by val_accuracy) on the 10,000 test images:'''),
 `WORKDIR` when it finishes). Keras 3 and tf-keras 2 both load it:
 `keras.models.load_model('keras_cnn.h5')`.'''),
     ('code', 'export', '''\
-!python -m flax_mnist.main --config configs/base.py --workdir="{WORKDIR}" --config.batch_size={BATCH_SIZE} --mode=export --output=/content/keras_cnn.h5'''),
+!python -m flax_mnist.main --config configs/base.py --workdir="{WORKDIR}" --mode=export --output=/content/keras_cnn.h5'''),
     ('code', 'download', '''\
 from google.colab import files
 

@@ -1,11 +1,14 @@
 """Bad input on the command line: each fails before any work with one `error:` line, exit 2,
-and writes nothing (no workdir, no prepared dataset)."""
+and writes nothing (no workdir, no prepared dataset), whether or not the dataset was prepared
+before."""
 
 import gzip
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -24,7 +27,7 @@ def _assert_one_line_and_nothing_written(result, tmp_path, *expected):
   assert result.returncode == 2, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0]
-  assert 'Traceback' not in result.stderr
+  assert 'Traceback' not in result.stderr and 'Variant folder' not in result.stderr
   for text in expected:
     assert text in errors[0], errors[0]
   assert not (tmp_path / 'w').exists()
@@ -75,6 +78,55 @@ def test_bad_split(tmp_path, prepared_data_dir):
   result = _run(tmp_path, f'--config.data_dir={prepared_data_dir}', '--config.eval_split=tset')
   _assert_one_line_and_nothing_written(result, tmp_path, "config.eval_split='tset'",
                                        "Unknown split 'tset'")
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--config.eval_split=validation'], ["config.eval_split='validation'",
+                                          "Unknown split 'validation'"]),
+    (['--config.train_split=train[:99999999]'], ["config.train_split='train[:99999999]'",
+                                                 'incompatible with 60000 examples']),
+    (['--config.train_split=train[:100]'], ["config.train_split='train[:100]' holds 100 "
+                                            'examples, fewer than 500']),
+], ids=['unknown_split', 'split_too_large', 'split_smaller_than_batch'])
+def test_bad_split_on_first_run(tmp_path, mnist_dir, flags, expected):
+  """An empty data_dir: split sizes come from the IDX files, before anything is prepared."""
+  result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}',
+                f'--config.idx_dir={mnist_dir}', *flags)
+  _assert_one_line_and_nothing_written(result, tmp_path, *expected)
+  assert 'Downloading and preparing' not in result.stdout
+
+
+def test_init_from_not_hdf5_on_first_run(tmp_path, mnist_dir):
+  result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}', f'--config.idx_dir={mnist_dir}',
+                f'--config.init_from={_not_hdf5(tmp_path)}')
+  _assert_one_line_and_nothing_written(result, tmp_path, 'weights.h5 is not an HDF5 file')
+
+
+def test_offline_without_idx_dir_fails_fast(tmp_path):
+  """No network and no idx_dir: one line within seconds, not minutes of tfds' retries. The
+  download host is a closed local port, so the test means the same with or without a network."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  argv = ['flax_mnist.main', '--config', 'configs/base.py', f'--workdir={tmp_path / "w"}',
+          f'--config.data_dir={tmp_path / "tfds"}']
+  code = ('import runpy, sys\n'
+          'from flax_mnist.data import tfds_source\n'
+          f'tfds_source.download_hosts = lambda builder: [("127.0.0.1", {port})]\n'
+          f'sys.argv = {argv!r}\n'
+          'runpy.run_module("flax_mnist.main", run_name="__main__")\n')
+  start = time.perf_counter()
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+  seconds = time.perf_counter() - start
+  assert result.stderr.splitlines() == [
+      f"error: cannot download 'mnist': no connection to 127.0.0.1:{port}: "
+      'ConnectionRefusedError: [Errno 111] Connection refused; to work offline, put the four '
+      'IDX files in a folder and pass --config.idx_dir=FOLDER.'], result.stderr[-3000:]
+  assert result.returncode == 2
+  assert 'Downloading and preparing' not in result.stdout
+  assert not (tmp_path / 'w').exists() and not (tmp_path / 'tfds').exists()
+  assert seconds < 60, seconds  # Start-up (JAX, TensorFlow) and a refused connection.
 
 
 def test_init_from_not_hdf5(tmp_path, prepared_data_dir):

@@ -1,8 +1,10 @@
 """Multi-process training: two processes with one CPU device each train exactly like one
-process with two devices (loopback coordinator, gloo CPU collectives)."""
+process with two devices (loopback coordinator, gloo CPU collectives), and a stop signal to
+either stops both after the same step, with one checkpoint to resume from exactly."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +87,63 @@ def test_two_processes_train_like_one_process_with_two_devices(prepared_data_dir
   print(f'2 processes vs 1 process: metrics {rows["two"]} vs {rows["one"]}; '
         f'max param difference {difference:.3g}')
   assert difference < 1e-5
+
+
+_STOP_SETTINGS = ('--config.train_split=train[:1000]', '--config.batch_size=100',
+                  '--config.num_epochs=3')
+
+
+def _two_processes(workdir, data_dir, *extra):
+  address = f'127.0.0.1:{_free_port()}'
+  return [_start(workdir, data_dir, 1, f'--config.coordinator_address={address}',
+                 '--config.num_processes=2', f'--config.process_id={i}', *_STOP_SETTINGS,
+                 *extra) for i in (0, 1)]
+
+
+def _final(workdir):
+  config = base_config(**{**_SETTINGS, 'train_split': 'train[:1000]', 'batch_size': 100,
+                          'num_epochs': 3})
+  state = modes.restore(config, cpu_plan(config), str(workdir), 'latest').state
+  return int(state.step), [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+@pytest.fixture(scope='module')
+def two_process_reference(prepared_data_dir, tmp_path_factory):
+  """(step, params) at the end of an uninterrupted two-process run."""
+  workdir = tmp_path_factory.mktemp('two_processes')
+  _finish(_two_processes(workdir, prepared_data_dir))
+  return _final(workdir)
+
+
+@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=['SIGTERM', 'Ctrl-C'])
+def test_a_signal_to_one_process_stops_both_at_the_same_step(
+    prepared_data_dir, two_process_reference, tmp_path, signum, code):
+  workdir = tmp_path / 'w'
+  processes = _two_processes(workdir, prepared_data_dir)
+  try:
+    for line in processes[0].stdout:  # Only process 0 prints.
+      if line.startswith('Epoch 1/3'):
+        processes[1].send_signal(signum)  # The other process is not signalled.
+        break
+    results = [p.communicate(timeout=_TIMEOUT) for p in processes]
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.communicate()
+  for process, (_, err) in zip(processes, results):
+    assert process.returncode == code, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('error: interrupted at step ') and 'resume exactly' in last, last
+  assert len({err.strip().splitlines()[-1] for _, err in results}) == 1  # The same step.
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[-1] < two_process_reference[0]
+  _finish(_two_processes(workdir, prepared_data_dir))  # Resume: both processes, to the end.
+  step, params = _final(workdir)
+  assert step == two_process_reference[0]
+  for got, want in zip(params, two_process_reference[1]):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_process_rows_cover_the_batch_in_order():

@@ -1,8 +1,8 @@
 """notebooks/colab_tpu.ipynb: valid nbformat v4, public CLI only, flags that main accepts.
 
 The Colab-only parts (TPU, Drive, download) cannot run here; the device probe cell runs for
-real, and every `python -m flax_mnist.main` line is parsed by main's own flag parser and
-config validation.
+real, and every `python -m flax_mnist.main` line is parsed by main's own flag parser, config
+validation and run plan for 1 and 8 TPU devices: the seed's batch of 500 on every TPU type.
 """
 
 import json
@@ -14,12 +14,13 @@ import sys
 
 import nbformat
 
-from conftest import REPO
+from conftest import REPO, base_config
 
 NOTEBOOK = REPO / 'notebooks' / 'colab_tpu.ipynb'
 # What the notebook's {NAME} placeholders stand for in IPython's ! lines, here.
-_VALUES = {'WORKDIR': '/content/drive/MyDrive/flax_mnist/workdir/base', 'BATCH_SIZE': '504',
-           'REPO_DIR': str(REPO)}
+_VALUES = {'WORKDIR': '/content/drive/MyDrive/flax_mnist/workdir/base', 'REPO_DIR': str(REPO)}
+# The padding on a v2-8's 8 cores, as the plan line prints it and the notebook quotes it.
+_PADDED = 'batch padded to 504 (4 masked rows)'
 
 
 def _notebook():
@@ -84,35 +85,58 @@ def test_steps_train_eval_export_on_drive():
   assert "files.download('/content/keras_cnn.h5')" in _code_cells()[-1].source
 
 
+def test_batch_is_the_configs_on_every_tpu_type():
+  """No batch size of the notebook's own: the config's 500 everywhere, padded by the program."""
+  text = '\n'.join(cell.source for cell in _notebook().cells)
+  assert 'BATCH_SIZE' not in text and 'batch_size' not in text
+  assert not any(arg.startswith('--config.') for args in _main_invocations() for arg in args)
+  devices_md = next(cell.source for cell in _notebook().cells if cell.id == 'devices-md')
+  assert f'`{_PADDED}`' in devices_md
+  drive_md = next(cell.source for cell in _notebook().cells if cell.id == 'drive-md')
+  assert 'another TPU type' in drive_md and 'Keep the TPU type the same' not in drive_md
+
+
 _PARSE = '''
 import sys
 from absl import flags
-from flax_mnist import configuration, main
-main.parse_flags(['flax_mnist.main'] + sys.argv[2:])
-configuration.validate(flags.FLAGS.config, int(sys.argv[1]))
-print(flags.FLAGS.mode, flags.FLAGS.config.batch_size, flags.FLAGS.workdir)
+from flax_mnist import main, plan, schema
+main.parse_flags(['flax_mnist.main'] + sys.argv[1:])
+config = flags.FLAGS.config
+schema.validate(config)
+print(flags.FLAGS.mode, config.batch_size, flags.FLAGS.workdir)
+for devices in (1, 8):  # v5e-1 and v6e-1; v2-8.
+  print(plan.make(config, 'tpu', devices).line())
 '''
 
 
-def test_cli_flags_exist_and_config_is_valid_on_8_devices():
-  """main's own parser accepts each line; the batch size they use suits a v2-8's 8 cores."""
+def test_cli_flags_exist_and_config_is_valid_on_1_and_8_devices():
+  """main's own parser accepts each line; they train with the config's batch of 500, which the
+  plan for a v2-8's 8 cores pads to 504 (4 masked rows) and 1 TPU device takes as is."""
+  batch = base_config().batch_size
+  assert batch == 500
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  processes = [subprocess.Popen([sys.executable, '-c', _PARSE, '8', *args], cwd=REPO, env=env,
+  processes = [subprocess.Popen([sys.executable, '-c', _PARSE, *args], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for args in _main_invocations()]  # In parallel: each one imports jax.
   for process, mode in zip(processes, ['train', 'eval', 'export']):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
-    assert out.split() == [mode, '504', _VALUES['WORKDIR']]
+    parsed, one, eight = out.splitlines()
+    assert parsed.split() == [mode, str(batch), _VALUES['WORKDIR']]
+    assert one.startswith('Plan: tpu x1 ') and 'padded' not in one
+    assert eight.startswith('Plan: tpu x8 ') and eight.endswith(f', {_PADDED}')
 
 
 def test_device_cell_runs_here(monkeypatch, capsys):
-  """The probe cell is plain Python: run it on 8 (forced) CPU devices, like a v2-8's cores."""
-  devices, batch = 8, 504
+  """The probe cell is plain Python: run it on 8 (forced) CPU devices, like a v2-8's cores. It
+  only shows them: no batch size to pick."""
+  devices = 8
   monkeypatch.setenv('XLA_FLAGS', f'--xla_force_host_platform_device_count={devices}')
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   cell = next(cell for cell in _code_cells() if cell.id == 'devices')
   namespace = {}
   exec(compile(cell.source, 'devices', 'exec'), namespace)  # pylint: disable=exec-used
-  assert (namespace['N_DEVICES'], namespace['BATCH_SIZE']) == (devices, batch)
-  assert f'{devices} devices, batch size {batch}' in capsys.readouterr().out
+  assert 'BATCH_SIZE' not in namespace
+  listed, counted = capsys.readouterr().out.splitlines()
+  assert listed.startswith('[') and listed.count('CpuDevice') == devices, listed
+  assert counted == f'{devices} devices'

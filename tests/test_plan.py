@@ -87,15 +87,27 @@ def test_device_data_on_and_off_override_auto():
   assert plan_lib.make(base_config(device_data='on'), 'gpu', 4, 2).device_data is True
 
 
-@pytest.mark.parametrize('overrides, field, value', [
-    ({}, 'batch_size', 500),
-    ({'batch_size': 400, 'eval_batch_size': 900}, 'eval_batch_size', 900),
-    ({'batch_size': 400, 'eval_batch_size': 800, 'micro_batch_size': 20}, 'micro_batch_size', 20)])
-def test_batches_must_split_evenly_over_devices(overrides, field, value):
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_batches_the_devices_do_not_divide_are_padded(backend):
+  plan = plan_lib.make(base_config(eval_batch_size=900), backend, 8)  # The seed's 500 on 8.
+  assert (plan.train_batch, plan.train_padding, plan.eval_batch) == (504, 4, 904)
+  assert plan.micro_batch % 8 == 0 and 504 % plan.micro_batch == 0
+  assert 'batch padded to 504 (4 masked rows)' in plan.line()
+  plan = plan_lib.make(base_config(), backend, 4)
+  assert (plan.train_batch, plan.train_padding, plan.eval_batch) == (500, 0, 1000)
+  assert 'padded' not in plan.line()
+
+
+def test_an_explicit_micro_batch_must_split_over_devices_and_divide_the_batches():
   with pytest.raises(ConfigError,
-                     match=f'config.{field}={value} is not divisible by the 8 devices'):
-    plan_lib.make(base_config(**overrides), 'cpu', 8)
-  plan_lib.make(base_config(**overrides), 'cpu', 4)  # Any of them divides by 4.
+                     match='config.micro_batch_size=20 is not divisible by the 8 devices'):
+    plan_lib.make(base_config(micro_batch_size=20), 'cpu', 8)
+  with pytest.raises(ConfigError, match=r'config.micro_batch_size=16 must divide the batches '
+                     'of 504 and 1000 rows that 8 devices take'):
+    plan_lib.make(base_config(micro_batch_size=16), 'cpu', 8)
+  with pytest.raises(ConfigError, match='config.micro_batch_size=30 must divide'):
+    plan_lib.make(base_config(micro_batch_size=30), 'cpu', 1)
+  assert plan_lib.make(base_config(micro_batch_size=8), 'cpu', 8).train_micro_batches == 63
 
 
 @pytest.mark.parametrize('backend', ['cpu', 'gpu'])

@@ -1,6 +1,5 @@
-"""Data parallelism: 8 CPU devices train like 1, with the batch split over a 'data' mesh axis.
-
-That batches must split evenly over the devices is the plan's check (tests/test_plan.py)."""
+"""Data parallelism: 8 CPU devices train like 1, with the batch split over a 'data' mesh axis,
+also when 8 does not divide the batch (padded with masked rows; sizes: tests/test_plan.py)."""
 
 import json
 
@@ -11,10 +10,20 @@ from flax_mnist import sharding
 
 _TRAIN = '''
 import json, jax
+import numpy as np
 from conftest import small_config
-from flax_mnist import loop
-rows = loop.train_and_evaluate(small_config({data_dir!r}, num_epochs=3), {workdir!r})
+from flax_mnist import loop, modes, plan, sharding
+from flax_mnist.data import tfds_source
+from flax_mnist.reporting import report
+config = small_config({data_dir!r}, num_epochs=3, **{overrides!r})
+rows = loop.train_and_evaluate(config, {workdir!r})
 print('ROWS', jax.device_count(), json.dumps(rows))
+if {predict!r}:
+  restored = modes.restore(config, plan.decide(config), {workdir!r}, 'latest')
+  test = tfds_source.load_split(config, 'test')
+  probs = report.probabilities(restored.graphdef, restored.state.params, sharding.make_mesh(),
+                               test, config.eval_batch_size)
+  np.save({workdir!r} + '/digits.npy', probs.argmax(-1))
 '''
 
 
@@ -28,7 +37,8 @@ def _rows(result):
 def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
   runs = {}
   for devices in (1, 8):
-    code = _TRAIN.format(data_dir=prepared_data_dir, workdir=str(tmp_path / str(devices)))
+    code = _TRAIN.format(data_dir=prepared_data_dir, workdir=str(tmp_path / str(devices)),
+                         overrides={}, predict=False)
     count, rows = _rows(run_python(code, devices))
     assert count == devices
     runs[devices] = rows
@@ -38,6 +48,26 @@ def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
   for one, eight in zip(runs[1], runs[8]):
     for key in keys:
       np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+
+
+def test_the_seeds_batch_of_500_on_8_devices_trains_like_1_device(prepared_data_dir, tmp_path):
+  """500 is no multiple of 8: each batch gets 4 masked rows, which change nothing computed."""
+  runs, digits = {}, {}
+  overrides = dict(train_split='train[:1500]', batch_size=500, eval_batch_size=500)
+  for devices in (1, 8):
+    workdir = tmp_path / str(devices)
+    code = _TRAIN.format(data_dir=prepared_data_dir, workdir=str(workdir), overrides=overrides,
+                         predict=True)
+    count, runs[devices] = _rows(run_python(code, devices))
+    assert count == devices
+    digits[devices] = np.load(workdir / 'digits.npy')
+  keys = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
+  print('batch 500, 8 devices vs 1:', [{k: (eight[k], one[k]) for k in keys}
+                                       for one, eight in zip(runs[1], runs[8])])
+  for one, eight in zip(runs[1], runs[8]):
+    for key in keys:
+      np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+  assert len(digits[1]) == 10000 and (digits[8] == digits[1]).mean() >= 0.999
 
 
 def test_mesh_spans_every_device():

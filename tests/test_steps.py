@@ -112,9 +112,10 @@ def _one_step(config, batch):
 
 def test_micro_batches_change_speed_not_maths():
   batch = _batch(60)
-  whole_params, whole_metrics = _one_step(base_config(batch_size=60, micro_batch_size=60), batch)
+  sizes = dict(batch_size=60, eval_batch_size=60)
+  whole_params, whole_metrics = _one_step(base_config(**sizes, micro_batch_size=60), batch)
   for micro in (5, 20):
-    params, metrics = _one_step(base_config(batch_size=60, micro_batch_size=micro), batch)
+    params, metrics = _one_step(base_config(**sizes, micro_batch_size=micro), batch)
     np.testing.assert_allclose(metrics.loss_sum, whole_metrics.loss_sum, rtol=1e-5)
     assert metrics.correct == whole_metrics.correct
     # Gradients summed in another order: the same up to rounding, which Adam may amplify.
@@ -125,7 +126,6 @@ def test_split_micro_batches_interleaves():
   x = np.arange(12)
   chunks = np.asarray(steps.split_micro_batches(x, 3))
   np.testing.assert_array_equal(chunks, [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
-
 
 
 def test_metric_sums_add_exactly_divide_once_and_round_trip_json():

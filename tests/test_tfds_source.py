@@ -1,7 +1,11 @@
 """tfds datasets read into memory, and their offline preparation from IDX files."""
 
+import socket
+import time
+
 import numpy as np
 import pytest
+import requests
 
 from conftest import base_config
 from flax_mnist.data import tfds_source
@@ -42,16 +46,116 @@ def test_dataset_with_other_shape(tmp_path):
     tfds_source.get_builder(_config(str(tmp_path), dataset='cifar10'))
 
 
-def test_download_failure_points_to_idx_dir(tmp_path, monkeypatch):
-  config = _config(str(tmp_path))
-  builder = tfds_source.get_builder(config)
+def _closed_port() -> int:
+  """A local TCP port that nothing listens on: connecting to it is refused at once."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
-  def offline(*args, **kwargs):
-    raise ConnectionError('Failed to resolve host\nmore detail')
-  monkeypatch.setattr(builder, 'download_and_prepare', offline)
-  with pytest.raises(DataError, match=r"could not download 'mnist' \(ConnectionError: Failed to "
-                     r"resolve host\); to work offline.*--config.idx_dir=FOLDER"):
+
+def test_download_failure_points_to_idx_dir_and_leaves_nothing(tmp_path, monkeypatch):
+  config = _config(str(tmp_path / 'tfds'))
+  builder = tfds_source.get_builder(config)
+  port = _closed_port()
+
+  def download_fails(*args, **kwargs):  # As tfds fails: temporary folders, then requests' error.
+    (tmp_path / 'tfds' / 'downloads' / 'cvdf-datasets.tmp.5f3a').mkdir(parents=True)
+    (tmp_path / 'tfds' / 'mnist' / 'incomplete.AB12_3.0.1').mkdir(parents=True)
+    requests.get(f'http://127.0.0.1:{port}/train-images-idx3-ubyte.gz', timeout=5)
+  monkeypatch.setattr(tfds_source, 'check_reachable', lambda config, builder: None)
+  monkeypatch.setattr(builder, 'download_and_prepare', download_fails)
+  with pytest.raises(DataError) as error:
     tfds_source.ensure_prepared(config, builder)
+  # The OS's reason whole, not requests' 300-character repr cut mid-bracket.
+  assert str(error.value) == (
+      "could not download 'mnist' (ConnectionRefusedError: [Errno 111] Connection refused); to "
+      'work offline, put the four IDX files in a folder and pass --config.idx_dir=FOLDER.')
+  assert not (tmp_path / 'tfds').exists()
+
+
+def test_no_network_fails_within_seconds(tmp_path, monkeypatch):
+  port = _closed_port()
+  monkeypatch.setattr(tfds_source, 'download_hosts', lambda builder: [('127.0.0.1', port)])
+  config = _config(str(tmp_path / 'tfds'))
+  builder = tfds_source.get_builder(config)
+  start = time.perf_counter()
+  with pytest.raises(DataError, match=rf"^cannot download 'mnist': no connection to 127.0.0.1:"
+                     rf'{port}: ConnectionRefusedError: \[Errno 111\] Connection refused; to '
+                     r'work offline, .* pass --config.idx_dir=FOLDER\.$'):
+    tfds_source.ensure_prepared(config, builder)
+  assert time.perf_counter() - start < 5
+  assert not (tmp_path / 'tfds').exists()
+
+
+def test_download_hosts_of_mnist_and_behind_a_proxy(tmp_path, monkeypatch):
+  for name in ('HTTPS_PROXY', 'https_proxy', 'NO_PROXY', 'no_proxy'):
+    monkeypatch.delenv(name, raising=False)
+  builder = tfds_source.get_builder(_config(str(tmp_path)))
+  assert tfds_source.download_hosts(builder) == [('storage.googleapis.com', 443)]
+  monkeypatch.setenv('https_proxy', 'http://proxy.internal:3128')
+  assert tfds_source.download_hosts(builder) == [('proxy.internal', 3128)]
+
+
+def _tiny_idx_splits(mnist_dir):
+  """40 real test digits as the IDX arrays to prepare from: a preparation in a second."""
+  from flax_mnist.data import idx
+  images, labels = idx.read_split(mnist_dir, 'test')
+  return {'train': (images[:30], labels[:30]), 'test': (images[30:40], labels[30:40])}
+
+
+def test_offline_preparation_says_one_line(tmp_path, mnist_dir, capfd, caplog):
+  (tmp_path / 'tfds' / 'mnist' / '3.0.1').mkdir(parents=True)  # Unprepared: tfds would warn.
+  config = _config(str(tmp_path / 'tfds'), idx_dir=str(mnist_dir))
+  builder = tfds_source.get_builder(config)
+  tfds_source.ensure_prepared(config, builder, _tiny_idx_splits(mnist_dir))
+  out, err = capfd.readouterr()
+  assert out == f'Prepared mnist from IDX files in {mnist_dir}\n'
+  assert err == ''  # No progress bars.
+  assert 'Variant folder' not in caplog.text
+  assert len(tfds_source.load_split(config, 'train')) == 30
+  # The dataset alone: no downloads/ folder that the download manager would have made.
+  assert sorted(p.name for p in (tmp_path / 'tfds').iterdir()) == ['mnist']
+
+
+def test_unfinished_dataset_folder_is_not_taken_for_prepared(tmp_path, mnist_dir):
+  folder = tmp_path / 'tfds' / 'mnist' / '3.0.1'
+  folder.mkdir(parents=True)
+  (folder / 'mnist-train.tfrecord-00000-of-00001').write_bytes(b'')
+  config = _config(str(tmp_path / 'tfds'), idx_dir=str(mnist_dir))
+  with pytest.raises(DataError, match=f'{folder} holds an unfinished dataset'):
+    tfds_source.ensure_prepared(config, tfds_source.get_builder(config))
+  assert [p.name for p in folder.iterdir()] == ['mnist-train.tfrecord-00000-of-00001']
+
+
+def test_failed_offline_preparation_leaves_no_half_made_folder(tmp_path, mnist_dir,
+                                                               monkeypatch):
+  from flax_mnist.data import offline
+  (tmp_path / 'tfds').mkdir()
+  (tmp_path / 'tfds' / 'other_dataset').mkdir()  # Someone else's: must stay.
+  config = _config(str(tmp_path / 'tfds'), idx_dir=str(mnist_dir))
+  examples = offline._examples
+
+  def disk_fills(images, labels):
+    yield from list(examples(images, labels))[:5]
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(offline, '_examples', disk_fills)
+  with pytest.raises(DataError, match=r"could not write 'mnist' into .*/tfds \(OSError: \[Errno "
+                     r'28\] No space left on device\); make room'):
+    tfds_source.ensure_prepared(config, tfds_source.get_builder(config),
+                                _tiny_idx_splits(mnist_dir))
+  assert sorted(p.name for p in (tmp_path / 'tfds').iterdir()) == ['other_dataset']
+
+
+def test_split_sizes_known_before_preparing(tmp_path):
+  builder = tfds_source.get_builder(_config(str(tmp_path)))
+  splits = tfds_source.split_dict(builder, {'train': 60000, 'test': 10000})
+  assert [splits[s].num_examples for s in ('train[:55000]', 'train[10%:]', 'test')] == [
+      55000, 54000, 10000]
+  with pytest.raises(ValueError, match=r'incompatible with 60000 examples'):
+    splits['train[:99999999]']  # pylint: disable=pointless-statement
+  with pytest.raises(ValueError, match="Unknown split 'validation'"):
+    splits['validation']  # pylint: disable=pointless-statement
+  assert not any(tmp_path.iterdir())
 
 
 def test_bad_idx_file_fails_before_writing(tmp_path, mnist_dir):

@@ -31,31 +31,46 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
-                  rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  rows: np.ndarray | None = None, padded_size: int | None = None) -> Iterator:
   """Yields the (images, labels) training batches of `epoch`: rows `rows` of each global batch
-  of `batch_size` (default: all; a process of a multi-process run reads only its own rows)."""
+  of `batch_size` (default: all; a process of a multi-process run reads only its own rows).
+
+  With `padded_size` (when the device count does not divide batch_size), each global batch is
+  padded at its end to that many rows, and (images, labels, mask) are yielded: mask 0 marks the
+  padding, which the step leaves out of everything it computes.
+  """
   order = epoch_order(len(split), seed, epoch)
   for step in range(steps_per_epoch(len(split), batch_size)):
     batch = order[step * batch_size:(step + 1) * batch_size]
-    batch = batch if rows is None else batch[rows]
-    yield split.images[batch], split.labels[batch]
+    if padded_size is None:
+      batch = batch if rows is None else batch[rows]
+      yield split.images[batch], split.labels[batch]
+    else:
+      yield _gather(split, _pad(batch, padded_size), rows)
 
 
-def eval_batches(split: Split, batch_size: int, rows: np.ndarray | None = None
+def eval_batches(split: Split, batch_size: int, rows: np.ndarray | None = None,
+                 padded_size: int | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Yields (images, labels, mask) covering every example once; the last batch is padded.
-
-  Only rows `rows` (sorted) of each global batch are read, as in train_batches.
-  """
+  """Yields (images, labels, mask) covering every example once, `batch_size` at a time; each
+  batch is padded at its end (the last one with the examples it lacks) to `padded_size` rows
+  (default batch_size), mask 0 on the padding. Only rows `rows` of each are read, as in
+  train_batches."""
   for start in range(0, len(split), batch_size):
-    batch = np.arange(start, start + batch_size)
-    batch = batch if rows is None else batch[rows]
-    pad = int((batch >= len(split)).sum())  # Padding rows come last, in order.
-    batch = batch[:len(batch) - pad]
-    images, labels = split.images[batch], split.labels[batch]
-    mask = np.ones(len(labels), np.float32)
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    yield images, labels, mask
+    batch = np.arange(start, min(start + batch_size, len(split)))
+    yield _gather(split, _pad(batch, padded_size or batch_size), rows)
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+  """Example indices padded with -1 (no example) up to `size`."""
+  return np.concatenate([batch, np.full(size - len(batch), -1, batch.dtype)])
+
+
+def _gather(split: Split, batch: np.ndarray, rows: np.ndarray | None):
+  """(images, labels, mask) of the examples `batch[rows]`; index -1 gives zeros, mask 0."""
+  batch = batch if rows is None else batch[rows]
+  valid = batch >= 0
+  safe = np.where(valid, batch, 0)
+  images, labels = split.images[safe], split.labels[safe]
+  images[~valid], labels[~valid] = 0, 0
+  return images, labels, valid.astype(np.float32)

@@ -1,13 +1,16 @@
-"""Checks what a run's config points at before any work: dataset, splits, IDX files, init_from.
+"""Checks what a run's config points at before any work: dataset, splits, IDX files, init_from;
+then prepares the dataset.
 
 schema.validate checks the fields themselves; this checks the things they name, so a
-mistyped dataset, a malformed IDX file or a .h5 of another architecture fails in seconds with
-one line, before a workdir, checkpoint folder or prepared dataset is written.
+mistyped dataset, a malformed IDX file, a split that does not exist or a .h5 of another
+architecture fails in seconds with one line, before a workdir, checkpoint folder or prepared
+dataset is written, whether or not the dataset was prepared before. The dataset is prepared
+here too, still before the workdir: a download that fails leaves nothing behind.
 """
 
 import pathlib
 
-from flax_mnist.data import idx, tfds_source
+from flax_mnist.data import offline, tfds_source
 from flax_mnist.errors import DataError, first_line
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
@@ -16,11 +19,15 @@ _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
 
 
 def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
-  """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run."""
-  if mode in _SPLITS:
-    check_dataset(config, _SPLITS[mode])
+  """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run;
+  prepares the dataset once every input that can be checked without it has passed."""
+  reads_data = mode in _SPLITS
+  if reads_data:
+    builder, idx_splits = check_dataset(config, _SPLITS[mode])
   if config.init_from and not _has_checkpoints(workdir):
     check_init_from(config, plan)
+  if reads_data:
+    prepare_dataset(config, builder, idx_splits, _SPLITS[mode])
 
 
 def _has_checkpoints(workdir) -> bool:
@@ -28,26 +35,48 @@ def _has_checkpoints(workdir) -> bool:
   return directory.is_dir() and any(directory.iterdir())
 
 
-def check_dataset(config, split_fields: tuple[str, ...]) -> None:
+def check_dataset(config, split_fields: tuple[str, ...]):
   """The dataset exists in tfds and is 28x28x1 with num_classes labels (read from the builder's
-  info, no download); idx_dir's files are valid; the splits exist and hold enough examples."""
+  info, no download); idx_dir's files are valid; the splits exist and hold enough examples.
+
+  Split sizes come from the prepared dataset or, before a first offline run, from the IDX files
+  that it will be prepared from. Returns (builder, the IDX arrays read or None) for
+  prepare_dataset.
+  """
   builder = tfds_source.get_builder(config)
-  if not builder.is_prepared():
-    if config.idx_dir:
-      for split in idx.SPLIT_FILES:
-        idx.read_split(config.idx_dir, split)
-    return  # Split sizes are known only once the data is there.
+  idx_splits = None
+  if builder.is_prepared():
+    splits = builder.info.splits
+  elif config.idx_dir:
+    idx_splits = offline.read_splits(config.idx_dir)
+    splits = tfds_source.split_dict(builder, offline.split_sizes(idx_splits))
+  else:
+    return builder, None  # Split sizes are known only once tfds has downloaded the data.
   for field in split_fields:
-    _check_split(config, builder, field)
+    _check_split(config, splits, field)
+  return builder, idx_splits
 
 
-def _check_split(config, builder, field: str) -> None:
+def prepare_dataset(config, builder, idx_splits, split_fields: tuple[str, ...]) -> None:
+  """Prepares the dataset (process 0 first, into a data_dir that the processes may share); a
+  dataset just downloaded has its splits checked now, its sizes being known only now."""
+  from flax_mnist import distributed  # Imports JAX, which main has started already.
+  checked = builder.is_prepared() or idx_splits is not None
+  with distributed.main_process_first('prepare_data'):
+    tfds_source.ensure_prepared(config, builder, idx_splits)
+  if not checked:
+    splits = tfds_source.get_builder(config).info.splits  # Read again: now on disk.
+    for field in split_fields:
+      _check_split(config, splits, field)
+
+
+def _check_split(config, splits, field: str) -> None:
   split = config[field]
   try:
-    examples = builder.info.splits[split].num_examples
+    examples = splits[split].num_examples
   except (ValueError, KeyError) as e:
     raise DataError(f'config.{field}={split!r}: {first_line(e)} '
-                    f"(splits of {config.dataset!r}: {', '.join(builder.info.splits)}).") from None
+                    f"(splits of {config.dataset!r}: {', '.join(splits)}).") from None
   needed = config.batch_size if field == 'train_split' else 1
   if examples < needed:
     raise DataError(f'config.{field}={split!r} holds {examples} examples, fewer than '

@@ -1,17 +1,25 @@
 """The Keras side of the model: the seed's Sequential config, its compile settings, and which
-Flax layer holds which Keras layer's weights.
+Flax layer holds which Keras layer's weights, in the two file formats written.
 
-The layout is tf-keras 2's legacy HDF5 one (InputLayer with `batch_input_shape`, plain-string
+`.h5`: tf-keras 2's legacy HDF5 layout (InputLayer with `batch_input_shape`, plain-string
 dtypes, explicit padding/strides/data_format, no `module`/`registered_name` keys), which both
-Keras 3 and tf-keras 2 load. It holds only standard layers: nothing that makes Keras run code.
-Layer and weight names follow Keras' defaults, so the file looks like the seed's own. The
-model's input is flat: 784 float values in [0, 1] (the seed's x_train / 255).
+Keras 3 and tf-keras 2 load. `.keras`: Keras 3's native zip, whose config.json is the same
+model with `module`/`registered_name` on every object and whose model.weights.h5 keeps each
+layer's variables under `layers/<name>/vars/<i>`. Version-specific keys (DTypePolicy objects,
+`quantization_config`, ...) are left out so that any Keras 3 reads it with its defaults.
+
+Both hold only standard layers: nothing that makes Keras run code. Layer and weight names
+follow Keras' defaults, so the files look like the seed's own. The model's input is flat: 784
+float values in [0, 1] (the seed's x_train / 255).
 """
 
 from flax_mnist import geometry
 
 EXPORT_NAME = 'keras_cnn.h5'  # The seed's file name.
 KERAS_VERSION = '2.15.0'  # The layout written (tf-keras 2); Keras 3 reads it as legacy h5.
+KERAS3_VERSION = '3.0.0'  # metadata.json of a .keras: the format's first version (not checked).
+KERAS3_WEIGHTS = 'model.weights.h5'  # The .keras member holding the weights.
+KERAS3_MEMBERS = ('metadata.json', 'config.json', KERAS3_WEIGHTS)  # Keras' order; no assets.
 # Flax submodule -> Keras layer name, in Keras' order of layers that hold weights.
 WEIGHT_LAYERS = (('conv1', 'conv2d'), ('conv2', 'conv2d_1'), ('dense1', 'dense'),
                  ('dense2', 'dense_1'))
@@ -65,3 +73,44 @@ def training_config(config) -> dict:
   return {'loss': 'categorical_crossentropy', 'metrics': ['accuracy'],
           'weighted_metrics': None, 'loss_weights': None, 'sample_weight_mode': None,
           'optimizer_config': adam}
+
+
+def keras3_weight_path(name: str, index: int) -> str:
+  """Where Keras 3 keeps variable `index` (0 kernel, 1 bias) of layer `name` in model.weights.h5.
+
+  Keras names these groups after the layer's class in snake case, numbered per model
+  (conv2d, conv2d_1, ...), not after the layer's own name, so they are the same in every file
+  of this architecture.
+  """
+  return f'layers/{name}/vars/{index}'
+
+
+def _keras3_object(module: str, entry: dict) -> dict:
+  return {'module': module, 'class_name': entry['class_name'], 'config': entry['config'],
+          'registered_name': None}
+
+
+def _keras3_layer(entry: dict) -> dict:
+  config = dict(entry['config'])
+  if entry['class_name'] == 'InputLayer':
+    config = {'batch_shape': config['batch_input_shape'], 'dtype': config['dtype'],
+              'sparse': False, 'name': 'input_layer'}
+  for key in ('kernel_initializer', 'bias_initializer'):
+    if key in config:
+      config[key] = _keras3_object('keras.initializers', config[key])
+  return _keras3_object('keras.layers', {'class_name': entry['class_name'], 'config': config})
+
+
+def keras3_config(config) -> dict:
+  """config.json of the .keras file: the same Sequential, compiled as the seed compiled it."""
+  layers = [_keras3_layer(entry) for entry in model_config(config)['config']['layers']]
+  legacy_adam = training_config(config)['optimizer_config']
+  adam = _keras3_object('keras.optimizers', {'class_name': 'Adam', 'config': {
+      **legacy_adam['config'], 'name': 'adam'}})
+  return {'module': 'keras', 'class_name': 'Sequential', 'registered_name': None,
+          'config': {'name': 'sequential', 'trainable': True, 'dtype': 'float32',
+                     'layers': layers, 'build_input_shape': [None, geometry.PIXELS]},
+          'build_config': {'input_shape': [None, geometry.PIXELS]},
+          'compile_config': {'optimizer': adam, 'loss': 'categorical_crossentropy',
+                             'loss_weights': None, 'metrics': ['accuracy'],
+                             'weighted_metrics': None}}

@@ -29,8 +29,9 @@ def probabilities(graphdef, params, mesh, split: batches.Split,
     return jax.lax.with_sharding_constraint(jax.nn.softmax(model(steps_lib.to_unit_float(images))),
                                             sharding.replicated(mesh))
   chunks = []
-  rows = sharding.process_rows(mesh, batch_size)  # Each process feeds its rows of a batch.
-  for images, _, mask in batches.eval_batches(split, batch_size):
+  padded = sharding.padded_size(batch_size, mesh.size)
+  rows = sharding.process_rows(mesh, padded)  # Each process feeds its rows of a batch.
+  for images, _, mask in batches.eval_batches(split, batch_size, padded_size=padded):
     (images,) = sharding.put_batch(mesh, images[rows])
     chunks.append(np.asarray(jax.device_get(predict(params, images)))[mask > 0])
   return np.concatenate(chunks)
