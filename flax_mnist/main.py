@@ -75,7 +75,7 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
-def enable_compilation_cache() -> pathlib.Path:
+def enable_compilation_cache() -> None:
   """Turns on JAX's persistent compilation cache, so a resume, eval, export or predict of a
   config compiled before loads its programs instead of compiling them again.
 
@@ -90,7 +90,6 @@ def enable_compilation_cache() -> pathlib.Path:
   jax.config.update('jax_compilation_cache_dir', str(folder))
   if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)  # Also the eval step.
-  return pathlib.Path(folder)
 
 
 def run_mode(config, plan, workdir: str) -> int:

@@ -34,6 +34,17 @@ def _rows(result):
   return int(devices), json.loads(rows)
 
 
+def _assert_same_metrics(runs, what):
+  """Every epoch's metrics of the 8-device run equal the 1-device run's up to rounding."""
+  keys = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
+  print(f'{what}:', [{k: (eight[k], one[k]) for k in keys}
+                     for one, eight in zip(runs[1], runs[8])])
+  assert len(runs[1]) == len(runs[8]) == 3
+  for one, eight in zip(runs[1], runs[8]):
+    for key in keys:
+      np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+
+
 def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
   runs = {}
   for devices in (1, 8):
@@ -42,12 +53,7 @@ def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
     count, rows = _rows(run_python(code, devices))
     assert count == devices
     runs[devices] = rows
-  keys = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
-  print('8 devices vs 1:', [{k: (eight[k], one[k]) for k in keys}
-                            for one, eight in zip(runs[1], runs[8])])
-  for one, eight in zip(runs[1], runs[8]):
-    for key in keys:
-      np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+  _assert_same_metrics(runs, '8 devices vs 1')
 
 
 def test_the_seeds_batch_of_500_on_8_devices_trains_like_1_device(prepared_data_dir, tmp_path):
@@ -61,12 +67,7 @@ def test_the_seeds_batch_of_500_on_8_devices_trains_like_1_device(prepared_data_
     count, runs[devices] = _rows(run_python(code, devices))
     assert count == devices
     digits[devices] = np.load(workdir / 'digits.npy')
-  keys = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
-  print('batch 500, 8 devices vs 1:', [{k: (eight[k], one[k]) for k in keys}
-                                       for one, eight in zip(runs[1], runs[8])])
-  for one, eight in zip(runs[1], runs[8]):
-    for key in keys:
-      np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+  _assert_same_metrics(runs, 'batch 500, 8 devices vs 1')
   assert len(digits[1]) == 10000 and (digits[8] == digits[1]).mean() >= 0.999
 
 
