@@ -5,6 +5,7 @@ orbax checkpoint. Running the same command again resumes from the newest checkpo
 data order depends only on (seed, epoch) and dropout keys only on (seed, step).
 """
 
+import dataclasses
 import math
 import pathlib
 import time
@@ -47,24 +48,14 @@ def evaluate(evaluate_step, params, mesh, split, batch_size, padded_size
   return total.means()
 
 
-def initial_state(config, plan, mesh, checkpoints):
-  """(graphdef, state, optimizer, epoch, history, resume): from the newest readable checkpoint
-  when there is one, else fresh (Keras initializers, or config.init_from's weights). `resume`
-  says where an epoch that Ctrl-C cut short stopped (None after a whole epoch)."""
-  latest = checkpoints.latest_step()
-  graphdef, state, tx = steps_lib.create(config, plan,
-                                         keras_weights='' if latest else config.init_from)
-  state = jax.device_put(state, sharding.replicated(mesh))
-  if latest is None:
-    if config.init_from:
-      say(f'Starting from the weights in {config.init_from}')
-    return graphdef, state, tx, 0, [], None
-  state, meta = checkpoints.restore_newest_readable(state, config.to_dict())
-  resume = epochs.Resume.from_meta(meta.get('partial'))
-  within = f' and {resume.batches} batches of epoch {resume.epoch}' if resume else ''
-  say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)}{within} "
-      f'({checkpoints.directory})')
-  return graphdef, state, tx, meta['epoch'], meta['history'], resume
+@dataclasses.dataclass
+class Start:
+  """Where training starts: a fresh or restored state, its epoch and metrics so far, and where
+  an epoch that a stop cut short stopped (None after a whole epoch)."""
+  state: steps_lib.TrainState
+  epoch: int = 0
+  history: list[dict] = dataclasses.field(default_factory=list)
+  resume: epochs.Resume | None = None
 
 
 def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) -> list[dict]:
@@ -74,18 +65,17 @@ def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) 
   plan = plan or plan_lib.decide(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
   with (checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints,
         interrupt.catch_stop_signals()):
-    graphdef, state, tx, epoch, history, resume = initial_state(config, plan, mesh, checkpoints)
+    run = _Run(config, plan, workdir, checkpoints)
+    start = run.start()
     if distributed.is_main():
-      jsonl.rewrite(workdir / jsonl.METRICS_FILE, history)
-    if epoch >= config.num_epochs:
-      say(f'Already finished: epoch {epoch}/{config.num_epochs} in {workdir}; nothing to do '
-          '(raise --config.num_epochs to train on).')
-      return history
-    run = _Run(config, plan, workdir, mesh, checkpoints, graphdef, tx)
-    return run.epochs(state, epoch, history, resume)
+      jsonl.rewrite(workdir / jsonl.METRICS_FILE, start.history)
+    if start.epoch >= config.num_epochs:
+      say(f'Already finished: epoch {start.epoch}/{config.num_epochs} in {workdir}; nothing to '
+          'do (raise --config.num_epochs to train on).')
+      return start.history
+    return run.epochs(start)
 
 
 class TrainingDiverged(FlaxMnistError):
@@ -93,37 +83,56 @@ class TrainingDiverged(FlaxMnistError):
 
 
 class _Run:
-  """One training run's fixed parts; `epochs` trains from a (restored) state to the end."""
+  """One training run's fixed parts; `start` finds where it starts, `epochs` trains to the end."""
 
-  def __init__(self, config, plan, workdir, mesh, checkpoints, graphdef, tx):
-    self.config, self.plan, self.workdir, self.mesh = config, plan, workdir, mesh
-    self.checkpoints, self.graphdef, self.tx = checkpoints, graphdef, tx
+  def __init__(self, config, plan, workdir, checkpoints):
+    self.config, self.plan, self.workdir, self.checkpoints = config, plan, workdir, checkpoints
+    self.mesh = sharding.make_mesh()
+    self.latest = checkpoints.latest_step()
+    keras_weights = '' if self.latest else config.init_from
+    self.graphdef, self.fresh, self.tx = steps_lib.create(config, plan, keras_weights)
+
+  def start(self) -> Start:
+    """From the newest readable checkpoint when there is one, else fresh (Keras initializers,
+    or config.init_from's weights)."""
+    state = jax.device_put(self.fresh, sharding.replicated(self.mesh))
+    if self.latest is None:
+      if self.config.init_from:
+        say(f'Starting from the weights in {self.config.init_from}')
+      return Start(state)
+    state, meta = self.checkpoints.restore_newest_readable(state, self.config.to_dict())
+    resume = epochs.Resume.from_meta(meta.get('partial'))
+    within = f' and {resume.batches} batches of epoch {resume.epoch}' if resume else ''
+    say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)}{within} "
+        f'({self.checkpoints.directory})')
+    return Start(state, meta['epoch'], meta['history'], resume)
 
   def meta(self, epoch: int, history: list[dict], **extra) -> dict:
     return dict(epoch=epoch, config=self.config.to_dict(), plan=self.plan.to_dict(),
                 history=history, **extra)
 
-  def epochs(self, state, epoch: int, history: list[dict], resume: epochs.Resume | None):
+  def epochs(self, start: Start) -> list[dict]:
     config, mesh = self.config, self.mesh
+    state, history, resume = start.state, start.history, start.resume
     with distributed.main_process_first('load_data'):  # Process 0 prepares a shared data_dir.
       train_split = tfds_source.load_split(config, config.train_split)
       eval_split = tfds_source.load_split(config, config.eval_split)
     if not history:
       say(model_lib.summary(config, nnx_model(self.graphdef, state)))
-    start = time.perf_counter()
+    began = time.perf_counter()
     evaluate_step = compile_eval(self.graphdef, state, mesh, self.plan)
     engine = epochs.build(self.graphdef, self.tx, state, mesh, self.plan, config, train_split,
                           resume)
     steps = batches.steps_per_epoch(len(train_split), config.batch_size)
     num_samples = steps * config.batch_size
-    say(f'Compiled in {time.perf_counter() - start:.1f}s. Train on {num_samples} samples, '
+    say(f'Compiled in {time.perf_counter() - began:.1f}s. Train on {num_samples} samples, '
         f'validate on {len(eval_split)} samples')
     writer = tensorboard.MetricWriter(self.workdir, int(state.step), config.log_every_steps)
     stop_rule = interrupt.stop_rule(mesh, self.plan.processes)
-    for epoch in range(epoch + 1, config.num_epochs + 1):
+    for epoch in range(start.epoch + 1, config.num_epochs + 1):
       if stop_rule.between_epochs():  # The last epoch's checkpoint is saved.
         self.stop(state, history)
-      start = time.perf_counter()
+      began = time.perf_counter()
       first_step = int(state.step) - (resume.batches if resume else 0)
       progress = epochs.Progress(
           console.ProgressBar(steps, enabled=config.progress_bar and distributed.is_main()),
@@ -135,11 +144,11 @@ class _Run:
         self.stop(stop.state, history, stop)
       resume = None
       loss, accuracy = sums.means()
-      train_seconds = time.perf_counter() - start
+      train_seconds = time.perf_counter() - began
       val_loss, val_accuracy = evaluate(evaluate_step, state.params, mesh, eval_split,
                                         config.eval_batch_size, self.plan.eval_batch)
       row = dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
-                 val_accuracy=val_accuracy, seconds=time.perf_counter() - start,
+                 val_accuracy=val_accuracy, seconds=time.perf_counter() - began,
                  samples_per_second=num_samples / train_seconds)
       self.check_finite(row)
       history = history + [row]

@@ -46,18 +46,29 @@ def _load(module_name, path):
   return keras.models.load_model(str(path))
 
 
-@pytest.mark.parametrize('keras_module', ['keras', 'tf_keras'])
-def test_export_loads_in_keras_with_equal_predictions(trained_workdir, test_images,
-                                                      prepared_data_dir, keras_module):
+def _trained_flax_model(trained_workdir, prepared_data_dir):
   from conftest import small_config
   config = small_config(prepared_data_dir)
   restored = modes.restore(config, plan_lib.decide(config), str(trained_workdir), 'latest')
-  flax_model = loop.nnx_model(restored.graphdef, restored.state)
+  return loop.nnx_model(restored.graphdef, restored.state)
+
+
+@pytest.fixture(scope='module')
+def trained_probabilities(trained_workdir, prepared_data_dir, test_images):
+  """The trained run's Flax probabilities on all 10,000 test images (computed once: the CPU
+  forward pass is the slow part of these tests)."""
+  return _flax_probabilities(_trained_flax_model(trained_workdir, prepared_data_dir),
+                             test_images[0])
+
+
+@pytest.mark.parametrize('keras_module', ['keras', 'tf_keras'])
+def test_export_loads_in_keras_with_equal_predictions(trained_workdir, test_images,
+                                                      trained_probabilities, keras_module):
   path = trained_workdir / keras_export.EXPORT_NAME  # Written by training, as the seed does.
   keras_model = _load(keras_module, path)
   images, _ = test_images
   keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
-  flax_probs = _flax_probabilities(flax_model, images)
+  flax_probs = trained_probabilities
   assert keras_probs.shape == (10000, 10)
   assert np.abs(keras_probs - flax_probs).max() <= 1e-5
   np.testing.assert_array_equal(keras_probs.argmax(1), flax_probs.argmax(1))
@@ -91,13 +102,6 @@ def test_export_names_a_known_format_before_restoring(tmp_path):
                      str(tmp_path / 'model.keras5'))
 
 
-def _trained_flax_model(trained_workdir, prepared_data_dir):
-  from conftest import small_config
-  config = small_config(prepared_data_dir)
-  restored = modes.restore(config, plan_lib.decide(config), str(trained_workdir), 'latest')
-  return config, loop.nnx_model(restored.graphdef, restored.state)
-
-
 @pytest.fixture(scope='module')
 def exported_keras(trained_workdir, prepared_data_dir, tmp_path_factory):
   """The trained run exported by --mode=export --output=model.keras."""
@@ -110,14 +114,13 @@ def exported_keras(trained_workdir, prepared_data_dir, tmp_path_factory):
 
 
 def test_keras_export_loads_in_keras3_safe_mode_with_equal_predictions(
-    exported_keras, trained_workdir, prepared_data_dir, test_images):
+    exported_keras, test_images, trained_probabilities):
   keras = pytest.importorskip('keras')
   assert keras.__version__.startswith('3.')
-  _, flax_model = _trained_flax_model(trained_workdir, prepared_data_dir)
   keras_model = keras.models.load_model(str(exported_keras), safe_mode=True)
   images, _ = test_images
   keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
-  flax_probs = _flax_probabilities(flax_model, images)
+  flax_probs = trained_probabilities
   assert keras_probs.shape == (10000, 10)
   assert np.abs(keras_probs - flax_probs).max() <= 1e-5
   np.testing.assert_array_equal(keras_probs.argmax(1), flax_probs.argmax(1))
@@ -145,7 +148,7 @@ def _params(model):
 def test_keras_export_round_trip_and_init_from(exported_keras, trained_workdir,
                                                prepared_data_dir, tmp_path):
   from conftest import small_config
-  _, flax_model = _trained_flax_model(trained_workdir, prepared_data_dir)
+  flax_model = _trained_flax_model(trained_workdir, prepared_data_dir)
   model = _cnn(base_config())
   keras_weights.load_weights(model, exported_keras)
   for ours, imported in zip(_params(flax_model), _params(model), strict=True):
@@ -256,23 +259,26 @@ def _seed_keras_model(keras, kernel_size=3):
 
 
 def test_import_keras3_native_and_weights_files(tmp_path, test_images):
-  """A .keras and a .weights.h5 that Keras 3 itself saved, after training (so they hold Adam's
-  state too), import with Keras' predictions."""
+  """A .keras and a .weights.h5 that Keras 3 itself saved, after a training step (so they hold
+  Adam's state too), import with Keras' predictions (on 1,000 images: the Flax CPU forward pass
+  is slow; the export test covers all 10,000)."""
   keras = pytest.importorskip('keras')
   assert keras.__version__.startswith('3.')
   images, labels = test_images
+  images = images[:1000]
   keras_model = _seed_keras_model(keras)
-  keras_model.fit(images[:1000], np.eye(10)[labels[:1000]], batch_size=250, epochs=1,
-                  verbose=0)
+  keras_model.fit(images[:250], np.eye(10)[labels[:250]], batch_size=250, epochs=1, verbose=0)
+  keras_model.save(str(tmp_path / 'seed.keras'))
+  keras_model.save_weights(str(tmp_path / 'seed.weights.h5'))
+  native, weights_only = _cnn(base_config()), _cnn(base_config())
+  keras_weights.load_weights(native, tmp_path / 'seed.keras')
+  keras_weights.load_weights(weights_only, tmp_path / 'seed.weights.h5')
   keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
-  for name, save in (('seed.keras', keras_model.save),
-                     ('seed.weights.h5', keras_model.save_weights)):
-    save(str(tmp_path / name))
-    model = _cnn(base_config())
-    keras_weights.load_weights(model, tmp_path / name)
-    flax_probs = _flax_probabilities(model, images)
-    assert np.abs(flax_probs - keras_probs).max() <= 1e-5, name
-    np.testing.assert_array_equal(flax_probs.argmax(1), keras_probs.argmax(1))
+  flax_probs = _flax_probabilities(native, images)
+  assert np.abs(flax_probs - keras_probs).max() <= 1e-5
+  np.testing.assert_array_equal(flax_probs.argmax(1), keras_probs.argmax(1))
+  for a, b in zip(_params(native), _params(weights_only), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize('keras_module', ['keras', 'tf_keras'])

@@ -2,9 +2,16 @@
 tensorflow-datasets: its builder, its download manager and checksums, or our IDX files offline.
 
 MNIST is 47 MB as uint8, so each split is read once, whole, into a batches.Split.
+
+TensorFlow is optional. Where it imports, datasets are prepared as tfds' default tfrecord and
+read with `builder.as_dataset`, as always. Where it does not, they are prepared as array_record
+(offline.py says how, without TensorFlow), and a dataset holding array_record is read with
+tfds' data_source, numpy only, with or without TensorFlow: same examples, same order. A data dir
+holding tfrecord alone needs TensorFlow, or idx_dir to add an array_record copy beside it.
 """
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -48,27 +55,46 @@ def _stderr_held_back():
       os.close(saved)
 
 
-class _NoVariantFolderWarning(logging.Filter):
-  """Drops tfds' 'Variant folder ... has no dataset_info.json': tfds logs it whenever it looks
-  for a dataset not prepared yet, which is every first run; is_prepared() says the same."""
+class _TfdsNoise(logging.Filter):
+  """Drops two tfds warnings that every user would see and none can act on: 'Variant folder ...
+  has no dataset_info.json', logged whenever tfds looks for a dataset not prepared yet (every
+  first run; is_prepared() says the same), and 'OpenCV is not installed', logged when the
+  array_record reader decodes PNG with PIL (as fast for 28x28 images, and one dependency less)."""
+
+  _PREFIXES = ('Variant folder %s has no', 'OpenCV is not installed')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Variant folder %s has no')
+    return not str(record.msg).startswith(self._PREFIXES)
 
 
-_FILTER = _NoVariantFolderWarning()
+_FILTER = _TfdsNoise()
+
+
+@functools.cache
+def has_tensorflow() -> bool:
+  """Whether TensorFlow imports; it is imported here, once, and hidden from every GPU (JAX owns
+  them), before tfds can import it lazily and start it on them.
+
+  Without it, tfds works in its TensorFlow-free mode (it imports TensorFlow only on use), and so
+  do we: array_record datasets, read as numpy.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  try:
+    with _stderr_held_back():
+      import tensorflow as tf
+      try:
+        tf.config.set_visible_devices([], 'GPU')
+      except RuntimeError:  # TF's devices were initialised earlier (e.g. by Keras): too late.
+        pass
+  except ImportError:
+    return False
+  return True
 
 
 def import_tfds():
-  """Imports tensorflow_datasets with TensorFlow hidden from every GPU (JAX owns them)."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  """Imports tensorflow_datasets, after TensorFlow where it is installed (see has_tensorflow)."""
   logging.getLogger('absl').addFilter(_FILTER)  # tfds logs through absl; adding twice is a no-op.
-  with _stderr_held_back():
-    import tensorflow as tf
-    try:
-      tf.config.set_visible_devices([], 'GPU')
-    except RuntimeError:  # TF's devices were initialised earlier (e.g. by Keras): too late.
-      pass
+  has_tensorflow()
   import tensorflow_datasets as tfds
   return tfds
 
@@ -106,29 +132,79 @@ def split_dict(builder, sizes: dict[str, int]):
 
 def ensure_prepared(config, builder, idx_splits=None) -> None:
   """Prepares the dataset: from config.idx_dir offline (`idx_splits`: the arrays already read
-  from it), else by tfds' own download. A failed preparation leaves data_dir as it found it."""
+  from it), else by tfds' own download; without TensorFlow, as array_record, and a dataset
+  prepared as tfrecord gets an array_record copy from idx_dir. A failed preparation leaves
+  data_dir as it found it."""
+  tensorflow = has_tensorflow()
   if builder.is_prepared():
+    if not tensorflow and not has_array_record(builder):
+      _add_array_record(config, builder, idx_splits)
     return
   _clear_unfinished(builder)
   if config.idx_dir:
     from flax_mnist.data import offline
     from flax_mnist.reporting.console import say
     idx_splits = idx_splits or offline.read_splits(config.idx_dir)  # Validated before writing.
-    try:
-      with _undone_if_failed(builder), _printing_held_back():
-        offline.prepare_from_idx(builder, config.idx_dir, idx_splits)
-    except OSError as e:  # A full disk or a folder we may not write to.
-      raise DataError(f'could not write {config.dataset!r} into {builder.data_dir_root} '
-                      f'({_cause(e)}); make room or pass another --config.data_dir.') from None
+    with _writing(config, builder), _printing_held_back():
+      offline.prepare_from_idx(builder, config.idx_dir, idx_splits, tensorflow=tensorflow)
     say(f'Prepared {config.dataset} from IDX files in {config.idx_dir}')
     return
+  if not tensorflow:
+    _check_downloadable_without_tensorflow(config, builder)
   check_reachable(config, builder)
   try:
     with _undone_if_failed(builder):
-      builder.download_and_prepare()
+      if tensorflow:
+        builder.download_and_prepare()
+      else:
+        from flax_mnist.data import offline
+        offline.download_without_tensorflow(builder, import_tfds().download.DownloadConfig())
+  except DataError:
+    raise
   except Exception as e:  # Any download failure: network, DNS, proxy, checksum.
     raise DataError(f'could not download {config.dataset!r} ({_cause(e)}); '
                     f'{_OFFLINE_FIX}') from None
+
+
+def has_array_record(builder) -> bool:
+  """Whether the prepared dataset has an array_record copy, which tfds reads without TF."""
+  return 'array_record' in {f.value for f in builder.info.available_file_formats()}
+
+
+def _add_array_record(config, builder, idx_splits) -> None:
+  """Without TensorFlow, a dataset prepared as tfrecord alone is read from an array_record copy
+  that idx_dir's files give (offline.add_array_record); without idx_dir, one line says what to
+  do, rather than tfds' 'Failed to import TensorFlow' banner and traceback."""
+  if not config.idx_dir:
+    raise DataError(f'{builder.data_path} holds {config.dataset!r} as tfrecord, which only '
+                    'TensorFlow reads, and TensorFlow is not installed; pass '
+                    '--config.idx_dir=FOLDER (the four IDX files) to add an array_record copy, '
+                    'pip install tensorflow-cpu, or pass another --config.data_dir.')
+  from flax_mnist.data import offline
+  from flax_mnist.reporting.console import say
+  with _writing(config, builder), _printing_held_back():
+    offline.add_array_record(builder, config.dataset, config.idx_dir, idx_splits)
+  say(f'Added array_record to {config.dataset} in {builder.data_path} from IDX files in '
+      f'{config.idx_dir}')
+
+
+def _check_downloadable_without_tensorflow(config, builder) -> None:
+  from flax_mnist.data import offline
+  if not offline.mnist_family(builder):
+    raise DataError(f'downloading {config.dataset!r} needs TensorFlow, which is not installed; '
+                    f'pip install tensorflow-cpu, or {_OFFLINE_FIX}')
+
+
+@contextlib.contextmanager
+def _writing(config, builder):
+  """Writes into data_dir, undoing what a failure added; a full disk or a folder we may not
+  write to is one DataError line."""
+  try:
+    with _undone_if_failed(builder):
+      yield
+  except OSError as e:
+    raise DataError(f'could not write {config.dataset!r} into {builder.data_dir_root} '
+                    f'({_cause(e)}); make room or pass another --config.data_dir.') from None
 
 
 def _clear_unfinished(builder) -> None:
@@ -252,14 +328,36 @@ def _undone_if_failed(builder):
 
 
 def load_split(config, split: str) -> Split:
-  """Reads one tfds split (e.g. 'train[:55000]') of config.dataset into memory."""
+  """Reads one tfds split (e.g. 'train[:55000]') of config.dataset into memory: from its
+  array_record copy where it has one (numpy, no TensorFlow), else from tfrecord with TensorFlow
+  (ensure_prepared has made an array_record copy, or failed, where TensorFlow is missing)."""
   tfds = import_tfds()
   builder = get_builder(config)
   ensure_prepared(config, builder)
+  if has_array_record(builder):
+    return _read_array_record(config, builder, split)
   try:
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   except (ValueError, KeyError, AssertionError) as e:
-    raise DataError(f'cannot read split {split!r} of {config.dataset!r}: '
-                    f'{first_line(e)}') from None
+    raise _split_error(config, split, e) from None
   return Split(images=np.asarray(arrays['image'], np.uint8),
                labels=np.asarray(arrays['label'], np.int32))
+
+
+def _read_array_record(config, builder, split: str) -> Split:
+  """The split's examples in their stored order, as tfds' data_source decodes them (PNG by PIL):
+  the same examples and order as as_dataset gives from the tfrecord of the same keys."""
+  try:
+    source = builder.as_data_source(split=split, file_format='array_record')
+  except (ValueError, KeyError, AssertionError) as e:
+    raise _split_error(config, split, e) from None
+  examples = source.__getitems__(range(len(source)))  # One batched read of the records.
+  images = np.empty((len(examples), *IMAGE_SHAPE), np.uint8)
+  for row, example in enumerate(examples):
+    images[row] = example['image']
+  return Split(images=images,
+               labels=np.fromiter((e['label'] for e in examples), np.int32, len(examples)))
+
+
+def _split_error(config, split: str, error: BaseException) -> DataError:
+  return DataError(f'cannot read split {split!r} of {config.dataset!r}: {first_line(error)}')
