@@ -8,7 +8,7 @@ probabilities, how many argmaxes agree, and each accuracy.
 """
 
 import argparse
-import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -27,7 +27,6 @@ def main() -> None:
   parser.add_argument('--config', default=str(ROOT / 'configs' / 'base.py'))
   parser.add_argument('--idx_dir', default=str(ROOT.parent / 'shared' / 'data' / 'mnist'))
   args = parser.parse_args()
-  import importlib.util
   spec = importlib.util.spec_from_file_location('parity_config', args.config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -31,7 +31,8 @@ _MODE = flags.DEFINE_enum('mode', 'train',
 _STEP = flags.DEFINE_string('step', 'latest',
                             'Checkpoint for eval/export/predict/report: latest, best or a step '
                             'number.')
-_OUTPUT = flags.DEFINE_string('output', '', 'export: .h5 path (default WORKDIR/keras_cnn.h5).')
+_OUTPUT = flags.DEFINE_string('output', '', 'export: a .h5 (Keras 3 and tf-keras 2) or .keras '
+                              '(Keras 3) path (default WORKDIR/keras_cnn.h5).')
 _IMAGES = flags.DEFINE_string('images', '', 'predict: image files, PATH[,PATH...] or a GLOB.')
 _INVERT = flags.DEFINE_bool('invert', False, 'predict: images are dark digits on light paper.')
 flags.mark_flags_as_required(['config'])

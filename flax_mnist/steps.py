@@ -57,8 +57,8 @@ def create(config, plan, keras_weights: str = '') -> tuple[nnx.GraphDef, TrainSt
                                                           optax.GradientTransformation]:
   """Builds the model and returns (graphdef, state, optimizer).
 
-  Weights are Keras' initializers drawn from config.seed, or read from the Keras .h5 file
-  `keras_weights` when given.
+  Weights are Keras' initializers drawn from config.seed, or read from the Keras .h5 or
+  .keras file `keras_weights` when given.
   """
   params_key, dropout_root = jax.random.split(jax.random.key(config.seed))
   model = model_lib.CNN(config, plan, rngs=nnx.Rngs(params=params_key))

@@ -1,8 +1,8 @@
 """Fuzzing the two file readers: any bytes fail only with the package's own error type.
 
-The IDX reader and the Keras .h5 importer read files a user names. Whatever is in them (random
-bytes, a mangled real file, a well-formed file with odd contents) they may return data or raise
-a FlaxMnistError, never anything else. Bounded example counts keep CI fast.
+The IDX reader and the Keras .h5/.keras importer read files a user names. Whatever is in them
+(random bytes, a mangled real file, a well-formed file with odd contents) they may return data
+or raise a FlaxMnistError, never anything else. Bounded example counts keep CI fast.
 """
 
 import contextlib
@@ -10,6 +10,7 @@ import gzip
 import pathlib
 import struct
 import tempfile
+import zipfile
 
 import h5py
 import numpy as np
@@ -87,8 +88,8 @@ def model_and_file():
     return _Short((model, path.read_bytes()))
 
 
-def _import(model, data: bytes):
-  with _file(data, 'm.h5') as path:
+def _import(model, data: bytes, name: str = 'm.h5'):
+  with _file(data, name) as path:
     try:
       keras_weights.load_weights(model, path)
     except FlaxMnistError:
@@ -169,3 +170,57 @@ def test_h5_importer_on_odd_well_formed_files(model_and_file, layer_names, model
       keras_weights.load_weights(model, path)
     except FlaxMnistError:
       pass
+
+
+@pytest.fixture(scope='module')
+def keras_members():
+  """The base model's own .keras export, as its zip members [(name, bytes)]."""
+  config = base_config()
+  model = model_lib.CNN(config, plan_lib.make(config, 'cpu', 1), rngs=nnx.Rngs(params=0))
+  with tempfile.TemporaryDirectory() as folder:
+    path = keras_export.export_keras(model, config, pathlib.Path(folder) / 'm.keras')
+    keras_weights.load_weights(model, path)  # The unmangled file imports.
+    with zipfile.ZipFile(path) as archive:
+      members = [(name, archive.read(name)) for name in archive.namelist()]
+  return _Short((model, members))
+
+
+def _zipped(members) -> bytes:
+  with tempfile.TemporaryDirectory() as folder:
+    path = pathlib.Path(folder) / 'm.keras'
+    with zipfile.ZipFile(path, 'w') as z:
+      for name, data in members:
+        z.writestr(name, data)
+    return path.read_bytes()
+
+
+_EDITS = st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=20)
+
+
+def _mangle(data: bytes, edits, keep: float, near_end: bool = False) -> bytes:
+  data = bytearray(data[:max(int(len(data) * keep), 8)])
+  span = min(len(data), 400) if near_end else len(data)  # The zip's directory is at its end.
+  for where, value in edits:
+    data[len(data) - span + int(where * span)] = value
+  return bytes(data)
+
+
+@FUZZ
+@given(edits=_EDITS, keep=st.floats(0.05, 1))
+def test_keras_importer_on_mangled_weights_inside_a_good_zip(keras_members, edits, keep):
+  """A real .keras whose model.weights.h5 has random bytes overwritten and its tail cut off,
+  zipped again (so the zip's checksums hold and h5py parses the damage)."""
+  model, members = keras_members
+  (meta, config, (name, weights)) = members
+  _import(model, _zipped([meta, config, (name, _mangle(weights, edits, keep))]), 'm.keras')
+
+
+@FUZZ
+@given(edits=_EDITS, keep=st.floats(0.9, 1), near_end=st.booleans(),
+       prefix=st.sampled_from([b'', b'PK\x03\x04', b'PK\x05\x06']))
+def test_keras_importer_on_mangled_zips(keras_members, edits, keep, near_end, prefix):
+  """A real .keras with bytes overwritten (often in the zip's central directory), cut, or
+  preceded by a zip signature."""
+  model, members = keras_members
+  data = prefix + _mangle(_zipped(members), edits, keep, near_end)
+  _import(model, data, 'm.keras')

@@ -85,6 +85,6 @@ def _check_split(config, splits, field: str) -> None:
 
 
 def check_init_from(config, plan) -> None:
-  """config.init_from is a readable Keras .h5 of this config's architecture."""
+  """config.init_from is a readable Keras .h5 or .keras of this config's architecture."""
   from flax_mnist import steps  # Builds the model: imported only when needed.
   steps.create(config, plan, keras_weights=config.init_from)

@@ -133,8 +133,10 @@ def open_keras(path: pathlib.Path, limit: int) -> h5py.File:
 
 
 def _layer_count_error(path: pathlib.Path, names: list[str]) -> KerasImportError:
-  return KerasImportError(f'{path} has {len(names)} layers with weights ({", ".join(names)}); '
-                          f'this model has {len(WEIGHT_LAYERS)} '
+  # Names as repr writes them (no newline from the file), shortened: the error is one line.
+  shown = ', '.join(repr(n)[1:-1][:40] for n in names[:8]) + (', ...' if len(names) > 8 else '')
+  return KerasImportError(f'{path} has {len(names)} layers with weights ({shown}); this model '
+                          f'has {len(WEIGHT_LAYERS)} '
                           f'({", ".join(name for _, name in WEIGHT_LAYERS)}).')
 
 

@@ -1,0 +1,63 @@
+"""Start-up times of the command line, against JAX's own start, in one run.
+
+  python benchmarks/startup.py --workdir=WORKDIR --data_dir=DIR [--config=configs/base.py]
+
+Times, in fresh processes, alternating, `--repeats` times each: `python -c "import jax;
+jax.devices()"` (the floor any JAX program pays), `python -m flax_mnist.main --help`,
+`--mode=config`, and `--mode=eval` on WORKDIR (a trained workdir of the config) with the
+compilation cache warm (a first eval fills it). Reports the median wall seconds of each and
+eval's ratio to JAX's start.
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _seconds(command: list[str], env=None) -> float:
+  start = time.perf_counter()
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+  seconds = time.perf_counter() - start
+  if result.returncode:
+    raise SystemExit(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+  return seconds
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True, help='a trained workdir of --config')
+  parser.add_argument('--data_dir', required=True, help='the tfds data dir it was trained with')
+  parser.add_argument('--config', default='configs/base.py')
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  main_command = [sys.executable, '-m', 'flax_mnist.main', '--config', args.config]
+  commands = {
+      'import jax; jax.devices()': [sys.executable, '-c', 'import jax; jax.devices()'],
+      '--help': main_command[:3] + ['--help'],
+      '--mode=config': main_command + ['--mode=config'],
+      '--mode=eval': main_command + [f'--workdir={args.workdir}',
+                                     f'--config.data_dir={args.data_dir}', '--mode=eval'],
+  }
+  with tempfile.TemporaryDirectory() as cache:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    _seconds(commands['--mode=eval'], env)  # Fills the compilation cache.
+    times = {name: [] for name in commands}
+    for _ in range(args.repeats):
+      for name, command in commands.items():
+        times[name].append(_seconds(command, env))
+  medians = {name: statistics.median(values) for name, values in times.items()}
+  for name, value in medians.items():
+    print(f'{name:<28} median {value:6.2f} s  (all: '
+          f'{", ".join(f"{v:.2f}" for v in times[name])})')
+  print(f'eval / JAX start: {medians["--mode=eval"] / medians["import jax; jax.devices()"]:.1f}x')
+
+
+if __name__ == '__main__':
+  main()
