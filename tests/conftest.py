@@ -50,10 +50,10 @@ def mnist_dir() -> pathlib.Path:
 @pytest.fixture(scope='session')
 def prepared_data_dir(mnist_dir, tmp_path_factory) -> str:
   """A tfds data dir holding mnist prepared offline from the IDX files (done once per session)."""
-  from flax_mnist.data import tfds_source
+  from flax_mnist.data import prepare, tfds_source
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   config = base_config(idx_dir=str(mnist_dir), data_dir=data_dir)
-  tfds_source.ensure_prepared(config, tfds_source.get_builder(config))
+  prepare.ensure_prepared(config, tfds_source.get_builder(config))
   return data_dir
 
 

@@ -111,8 +111,8 @@ def test_offline_without_idx_dir_fails_fast(tmp_path):
   argv = ['flax_mnist.main', '--config', 'configs/base.py', f'--workdir={tmp_path / "w"}',
           f'--config.data_dir={tmp_path / "tfds"}']
   code = ('import runpy, sys\n'
-          'from flax_mnist.data import tfds_source\n'
-          f'tfds_source.download_hosts = lambda builder: [("127.0.0.1", {port})]\n'
+          'from flax_mnist.data import prepare\n'
+          f'prepare.download_hosts = lambda builder: [("127.0.0.1", {port})]\n'
           f'sys.argv = {argv!r}\n'
           'runpy.run_module("flax_mnist.main", run_name="__main__")\n')
   start = time.perf_counter()

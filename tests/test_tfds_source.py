@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from conftest import base_config
-from flax_mnist.data import tfds_source
+from flax_mnist.data import prepare, tfds_source
 from flax_mnist.errors import DataError
 
 
@@ -62,10 +62,10 @@ def test_download_failure_points_to_idx_dir_and_leaves_nothing(tmp_path, monkeyp
     (tmp_path / 'tfds' / 'downloads' / 'cvdf-datasets.tmp.5f3a').mkdir(parents=True)
     (tmp_path / 'tfds' / 'mnist' / 'incomplete.AB12_3.0.1').mkdir(parents=True)
     requests.get(f'http://127.0.0.1:{port}/train-images-idx3-ubyte.gz', timeout=5)
-  monkeypatch.setattr(tfds_source, 'check_reachable', lambda config, builder: None)
+  monkeypatch.setattr(prepare, 'check_reachable', lambda config, builder: None)
   monkeypatch.setattr(builder, 'download_and_prepare', download_fails)
   with pytest.raises(DataError) as error:
-    tfds_source.ensure_prepared(config, builder)
+    prepare.ensure_prepared(config, builder)
   # The OS's reason whole, not requests' 300-character repr cut mid-bracket.
   assert str(error.value) == (
       "could not download 'mnist' (ConnectionRefusedError: [Errno 111] Connection refused); to "
@@ -75,14 +75,14 @@ def test_download_failure_points_to_idx_dir_and_leaves_nothing(tmp_path, monkeyp
 
 def test_no_network_fails_within_seconds(tmp_path, monkeypatch):
   port = _closed_port()
-  monkeypatch.setattr(tfds_source, 'download_hosts', lambda builder: [('127.0.0.1', port)])
+  monkeypatch.setattr(prepare, 'download_hosts', lambda builder: [('127.0.0.1', port)])
   config = _config(str(tmp_path / 'tfds'))
   builder = tfds_source.get_builder(config)
   start = time.perf_counter()
   with pytest.raises(DataError, match=rf"^cannot download 'mnist': no connection to 127.0.0.1:"
                      rf'{port}: ConnectionRefusedError: \[Errno 111\] Connection refused; to '
                      r'work offline, .* pass --config.idx_dir=FOLDER\.$'):
-    tfds_source.ensure_prepared(config, builder)
+    prepare.ensure_prepared(config, builder)
   assert time.perf_counter() - start < 5
   assert not (tmp_path / 'tfds').exists()
 
@@ -91,9 +91,9 @@ def test_download_hosts_of_mnist_and_behind_a_proxy(tmp_path, monkeypatch):
   for name in ('HTTPS_PROXY', 'https_proxy', 'NO_PROXY', 'no_proxy'):
     monkeypatch.delenv(name, raising=False)
   builder = tfds_source.get_builder(_config(str(tmp_path)))
-  assert tfds_source.download_hosts(builder) == [('storage.googleapis.com', 443)]
+  assert prepare.download_hosts(builder) == [('storage.googleapis.com', 443)]
   monkeypatch.setenv('https_proxy', 'http://proxy.internal:3128')
-  assert tfds_source.download_hosts(builder) == [('proxy.internal', 3128)]
+  assert prepare.download_hosts(builder) == [('proxy.internal', 3128)]
 
 
 def _tiny_idx_splits(mnist_dir):
@@ -107,7 +107,7 @@ def test_offline_preparation_says_one_line(tmp_path, mnist_dir, capfd, caplog):
   (tmp_path / 'tfds' / 'mnist' / '3.0.1').mkdir(parents=True)  # Unprepared: tfds would warn.
   config = _config(str(tmp_path / 'tfds'), idx_dir=str(mnist_dir))
   builder = tfds_source.get_builder(config)
-  tfds_source.ensure_prepared(config, builder, _tiny_idx_splits(mnist_dir))
+  prepare.ensure_prepared(config, builder, _tiny_idx_splits(mnist_dir))
   out, err = capfd.readouterr()
   assert out == f'Prepared mnist from IDX files in {mnist_dir}\n'
   assert err == ''  # No progress bars.
@@ -123,7 +123,7 @@ def test_unfinished_dataset_folder_is_not_taken_for_prepared(tmp_path, mnist_dir
   (folder / 'mnist-train.tfrecord-00000-of-00001').write_bytes(b'')
   config = _config(str(tmp_path / 'tfds'), idx_dir=str(mnist_dir))
   with pytest.raises(DataError, match=f'{folder} holds an unfinished dataset'):
-    tfds_source.ensure_prepared(config, tfds_source.get_builder(config))
+    prepare.ensure_prepared(config, tfds_source.get_builder(config))
   assert [p.name for p in folder.iterdir()] == ['mnist-train.tfrecord-00000-of-00001']
 
 
@@ -141,7 +141,7 @@ def test_failed_offline_preparation_leaves_no_half_made_folder(tmp_path, mnist_d
   monkeypatch.setattr(offline, '_examples', disk_fills)
   with pytest.raises(DataError, match=r"could not write 'mnist' into .*/tfds \(OSError: \[Errno "
                      r'28\] No space left on device\); make room'):
-    tfds_source.ensure_prepared(config, tfds_source.get_builder(config),
+    prepare.ensure_prepared(config, tfds_source.get_builder(config),
                                 _tiny_idx_splits(mnist_dir))
   assert sorted(p.name for p in (tmp_path / 'tfds').iterdir()) == ['other_dataset']
 
@@ -166,5 +166,5 @@ def test_bad_idx_file_fails_before_writing(tmp_path, mnist_dir):
   (idx_dir / 't10k-labels-idx1-ubyte.gz').write_bytes(b'not an idx file')
   config = _config(str(tmp_path / 'tfds'), idx_dir=str(idx_dir))
   with pytest.raises(DataError, match='t10k-labels-idx1-ubyte.gz: bad magic number'):
-    tfds_source.ensure_prepared(config, tfds_source.get_builder(config))
+    prepare.ensure_prepared(config, tfds_source.get_builder(config))
   assert not (tmp_path / 'tfds' / 'mnist').exists()

@@ -10,7 +10,7 @@ here too, still before the workdir: a download that fails leaves nothing behind.
 
 import pathlib
 
-from flax_mnist.data import offline, tfds_source
+from flax_mnist.data import offline, prepare, tfds_source
 from flax_mnist.errors import DataError, first_line
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
@@ -63,7 +63,7 @@ def prepare_dataset(config, builder, idx_splits, split_fields: tuple[str, ...]) 
   from flax_mnist import distributed  # Imports JAX, which main has started already.
   checked = builder.is_prepared() or idx_splits is not None
   with distributed.main_process_first('prepare_data'):
-    tfds_source.ensure_prepared(config, builder, idx_splits)
+    prepare.ensure_prepared(config, builder, idx_splits)
   if not checked:
     splits = tfds_source.get_builder(config).info.splits  # Read again: now on disk.
     for field in split_fields:

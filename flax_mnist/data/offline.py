@@ -116,7 +116,8 @@ def add_array_record(builder, dataset: str, idx_dir: str, splits: IdxSplits | No
   formats: tfds' data_source then reads it, and TensorFlow still reads the tfrecord.
 
   The copy is prepared in a temporary data dir, then its files are moved beside the tfrecord
-  files and dataset_info.json lists the format. Its splits must have the sizes and shards that
+  files and dataset_info.json lists the format, as `tfds convert_format` does (which itself
+  needs TensorFlow to read the tfrecord). Its splits must have the sizes and shards that
   dataset_info.json records for the tfrecord (the same IDX files give the same ones), since
   both formats share those records.
   """
@@ -140,5 +141,9 @@ def add_array_record(builder, dataset: str, idx_dir: str, splits: IdxSplits | No
                       'otherwise than its tfrecord; use another --config.data_dir.')
     for path in sorted(copy.data_path.glob(f'*.{ARRAY_RECORD}-*')):
       shutil.move(path, builder.data_path / path.name)
-  info.add_alternative_file_format(ARRAY_RECORD)
-  info.write_to_directory(builder.data_path)
+  # As tfds' own `tfds convert_format` records a format added in place.
+  from tensorflow_datasets.core import dataset_info
+  proto = dataset_info.read_proto_from_builder_dir(builder.data_path)
+  if ARRAY_RECORD not in proto.alternative_file_formats:
+    proto.alternative_file_formats.append(ARRAY_RECORD)
+    dataset_info.write_dataset_info_proto(proto, dataset_info_dir=builder.data_path)
