@@ -1,6 +1,7 @@
 """Start-up times of the command line, against JAX's own start, in one run.
 
   python benchmarks/startup.py --workdir=WORKDIR --data_dir=DIR [--config=configs/base.py]
+      [-- --config.FIELD=VALUE ...]
 
 Times, in fresh processes, alternating, `--repeats` times each: `python -c "import jax;
 jax.devices()"` (the floor any JAX program pays), `python -m flax_mnist.main --help`,
@@ -36,8 +37,11 @@ def main() -> None:
   parser.add_argument('--data_dir', required=True, help='the tfds data dir it was trained with')
   parser.add_argument('--config', default='configs/base.py')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('overrides', nargs='*', help='--config.FIELD=VALUE the workdir was '
+                      'trained with (after --)')
   args = parser.parse_args()
-  main_command = [sys.executable, '-m', 'flax_mnist.main', '--config', args.config]
+  main_command = [sys.executable, '-m', 'flax_mnist.main', '--config', args.config,
+                  *args.overrides]
   commands = {
       'import jax; jax.devices()': [sys.executable, '-c', 'import jax; jax.devices()'],
       '--help': main_command[:3] + ['--help'],
