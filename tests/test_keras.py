@@ -46,6 +46,15 @@ def _load(module_name, path):
   return keras.models.load_model(str(path))
 
 
+def _assert_predicts_as_flax(keras_model, test_images, flax_probs):
+  """The Keras model gives the Flax model's probabilities (1e-5) and digits on all 10,000."""
+  keras_probs = keras_model.predict(test_images[0], batch_size=1000, verbose=0)
+  assert keras_probs.shape == (10000, 10)
+  assert np.abs(keras_probs - flax_probs).max() <= 1e-5
+  np.testing.assert_array_equal(keras_probs.argmax(1), flax_probs.argmax(1))
+  assert keras_model.count_params() == 1_199_882
+
+
 def _trained_flax_model(trained_workdir, prepared_data_dir):
   from conftest import small_config
   config = small_config(prepared_data_dir)
@@ -65,14 +74,7 @@ def trained_probabilities(trained_workdir, prepared_data_dir, test_images):
 def test_export_loads_in_keras_with_equal_predictions(trained_workdir, test_images,
                                                       trained_probabilities, keras_module):
   path = trained_workdir / keras_export.EXPORT_NAME  # Written by training, as the seed does.
-  keras_model = _load(keras_module, path)
-  images, _ = test_images
-  keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
-  flax_probs = trained_probabilities
-  assert keras_probs.shape == (10000, 10)
-  assert np.abs(keras_probs - flax_probs).max() <= 1e-5
-  np.testing.assert_array_equal(keras_probs.argmax(1), flax_probs.argmax(1))
-  assert keras_model.count_params() == 1_199_882
+  _assert_predicts_as_flax(_load(keras_module, path), test_images, trained_probabilities)
 
 
 def test_export_has_no_code_and_the_seed_layout(tmp_path):
@@ -118,13 +120,7 @@ def test_keras_export_loads_in_keras3_safe_mode_with_equal_predictions(
   keras = pytest.importorskip('keras')
   assert keras.__version__.startswith('3.')
   keras_model = keras.models.load_model(str(exported_keras), safe_mode=True)
-  images, _ = test_images
-  keras_probs = keras_model.predict(images, batch_size=1000, verbose=0)
-  flax_probs = trained_probabilities
-  assert keras_probs.shape == (10000, 10)
-  assert np.abs(keras_probs - flax_probs).max() <= 1e-5
-  np.testing.assert_array_equal(keras_probs.argmax(1), flax_probs.argmax(1))
-  assert keras_model.count_params() == 1_199_882
+  _assert_predicts_as_flax(keras_model, test_images, trained_probabilities)
   assert keras_model.optimizer.__class__.__name__ == 'Adam'  # Compiled as the seed compiled it.
 
 
