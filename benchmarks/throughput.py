@@ -1,6 +1,8 @@
 """Train-step throughput of flax_mnist against the seed model in Keras 3 and PyTorch, in ONE run.
 
   python benchmarks/throughput.py                      # k=3 (base) and k=5 (k5_nodropout)
+  python benchmarks/throughput.py --contended          # the same beside a CPU-bound process
+  python benchmarks/throughput.py --scaling            # vs batch size and conv2 width (base)
   python benchmarks/throughput.py --end_to_end --idx_dir=../shared/data/mnist
 
 Samples/s of forward + backward + Adam at batch 500, float32, on this machine. Systems are
@@ -12,6 +14,7 @@ flax_mnist and of the seed notebook's Keras code (benchmarks/seed_keras.py) as s
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import os
@@ -54,9 +57,32 @@ def benchmark_batch(batch_size: int) -> tuple[np.ndarray, np.ndarray]:
           rng.integers(0, 10, batch_size).astype(np.int32))
 
 
-def time_one_block(name: str, config_path: str, steps: int) -> float:
+def with_overrides(config, overrides: str):
+  """`config` with 'FIELD=VALUE,FIELD=VALUE' applied (values of the field's type)."""
+  for item in filter(None, overrides.split(',')):
+    name, value = item.split('=', 1)
+    config[name] = type(config[name])(value)
+  return config
+
+
+@contextlib.contextmanager
+def cpu_bound_neighbour(enabled: bool = True):
+  """A second CPU-bound process (a busy loop on one core) for the duration of the block, so
+  that a contended machine's figures are reproducible."""
+  if not enabled:
+    yield
+    return
+  busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+  try:
+    yield
+  finally:
+    busy.kill()
+    busy.wait()
+
+
+def time_one_block(name: str, config_path: str, steps: int, overrides: str = '') -> float:
   """In a worker process: builds `name`, warms it up, returns samples/s of `steps` steps."""
-  config = load_config(config_path)
+  config = with_overrides(load_config(config_path), overrides)
   run = peers.SYSTEMS[name](config, *benchmark_batch(config.batch_size))
   run(3)  # Warm-up: compilation, tracing, allocator.
   start = time.perf_counter()
@@ -64,8 +90,8 @@ def time_one_block(name: str, config_path: str, steps: int) -> float:
   return steps * config.batch_size / (time.perf_counter() - start)
 
 
-def measure(systems: list[str], config_path: str, steps: int,
-            repeats: int) -> dict[str, list[float]]:
+def measure(systems: list[str], config_path: str, steps: int, repeats: int,
+            overrides: str = '') -> dict[str, list[float]]:
   """samples/s of each system over `repeats` timed blocks of `steps` steps, interleaved.
 
   Every block runs in a fresh process (python throughput.py --worker): runtimes sharing a
@@ -77,7 +103,8 @@ def measure(systems: list[str], config_path: str, steps: int,
     for name in systems[repeat % len(systems):] + systems[:repeat % len(systems)]:
       result = subprocess.run(
           [sys.executable, __file__, '--worker', name, '--worker_config', config_path,
-           '--steps', str(steps)], cwd=ROOT, capture_output=True, text=True)
+           '--steps', str(steps), '--worker_overrides', overrides], cwd=ROOT,
+          capture_output=True, text=True)
       lines = [l for l in result.stdout.splitlines() if l.startswith('RATE ')]
       if result.returncode or not lines:
         raise SystemExit(f'{name} failed:\n{result.stderr[-3000:]}')
@@ -110,6 +137,26 @@ def throughput_table(kernels, steps, repeats, names) -> str:
     best = max(peer_rates, key=peer_rates.get) if peer_rates else None
     ratio = f'{medians["flax_mnist"] / peer_rates[best]:.2f}x' if best else 'n/a'
     rows.append(f'| {k} | ' + ' | '.join(cells) + f' | {best} | {ratio} |')
+  return '\n'.join(rows)
+
+
+def scaling_table(batch_sizes, widths, steps, repeats, names) -> str:
+  """samples/s of the base model against batch size (conv2 width 64) and against conv2 width
+  (batch 500), for each system in `names`."""
+  available = [n for n in names if installed(n)]
+  rows = ['| batch | conv2 width | ' + ' | '.join(names) + ' | flax_mnist / best peer |',
+          '|---' * (len(names) + 3) + '|']
+  cells = [(b, 64) for b in batch_sizes] + [(500, w) for w in widths if w != 64]
+  for batch, width in cells:
+    overrides = f'batch_size={batch},conv2_features={width}'
+    print(f'batch {batch}, conv2 width {width}: {steps} steps x {repeats} repeats', flush=True)
+    medians = {n: statistics.median(r) for n, r in
+               measure(available, CONFIGS[3], steps, repeats, overrides).items()}
+    peer = max((v for n, v in medians.items() if n != 'flax_mnist'), default=None)
+    ratio = f'{medians["flax_mnist"] / peer:.2f}x' if peer else 'n/a'
+    rows.append(f'| {batch} | {width} | '
+                + ' | '.join(f'{medians[n]:.0f}' if n in medians else 'missing' for n in names)
+                + f' | {ratio} |')
   return '\n'.join(rows)
 
 
@@ -163,6 +210,12 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5, help='timed runs per system')
   parser.add_argument('--systems', default=','.join(peers.SYSTEMS),
                       help='systems to compare (default: all)')
+  parser.add_argument('--contended', action='store_true',
+                      help='run every timed block beside a CPU-bound process (a busy loop)')
+  parser.add_argument('--scaling', action='store_true',
+                      help='samples/s vs batch size and conv2 width instead of the k table')
+  parser.add_argument('--batch_sizes', default='125,250,500,1000,2000', help='for --scaling')
+  parser.add_argument('--widths', default='64,128', help='conv2 widths for --scaling')
   parser.add_argument('--end_to_end', action='store_true',
                       help='also time the full 20-epoch base job against the seed Keras code')
   parser.add_argument('--idx_dir', default=str(ROOT.parent / 'shared' / 'data' / 'mnist'),
@@ -172,14 +225,23 @@ def main() -> None:
   parser.add_argument('--markdown', default='', help='append the report to this file')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   parser.add_argument('--worker_config', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--worker_overrides', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print(f'RATE {time_one_block(args.worker, args.worker_config, args.steps)}', flush=True)
+    rate = time_one_block(args.worker, args.worker_config, args.steps, args.worker_overrides)
+    print(f'RATE {rate}', flush=True)
     return
+  neighbour = ' beside a CPU-bound process' if args.contended else ''
   report = header(sys.argv[1:]) + '\nTrain-step throughput, samples/s (median of '
-  report += f'{args.repeats} runs of {args.steps} steps, batch 500, float32):\n\n'
-  report += throughput_table([int(k) for k in args.kernels.split(',')], args.steps,
-                             args.repeats, args.systems.split(',')) + '\n'
+  report += f'{args.repeats} runs of {args.steps} steps, float32{neighbour}):\n\n'
+  with cpu_bound_neighbour(args.contended):
+    if args.scaling:
+      report += scaling_table([int(b) for b in args.batch_sizes.split(',')],
+                              [int(w) for w in args.widths.split(',')], args.steps,
+                              args.repeats, args.systems.split(',')) + '\n'
+    else:
+      report += throughput_table([int(k) for k in args.kernels.split(',')], args.steps,
+                                 args.repeats, args.systems.split(',')) + '\n'
   if args.end_to_end:
     report += '\nWhole job, base config (20 epochs, validation after each):\n\n'
     report += end_to_end_table(args.idx_dir, args.e2e_workdir) + '\n'

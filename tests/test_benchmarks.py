@@ -56,3 +56,15 @@ def test_flax_mnist_sides_run_on_a_small_split(monkeypatch):
   config, _ = accelerator.kernel_config_and_split('3', idx_dir='')
   run = peers.make_flax_mnist(config, split.images[:500], split.labels[:500])
   run(2)
+
+
+def test_throughput_overrides_and_the_cpu_bound_neighbour():
+  import throughput
+  config = throughput.with_overrides(small_config('unused'), 'batch_size=125,conv2_features=128')
+  assert (config.batch_size, config.conv2_features) == (125, 128)
+  with throughput.cpu_bound_neighbour():
+    import psutil
+    busy = [p for p in psutil.Process().children() if 'while True' in ' '.join(p.cmdline())]
+    assert len(busy) == 1
+  assert not busy[0].is_running() or busy[0].status() == psutil.STATUS_ZOMBIE
+
