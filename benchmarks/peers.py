@@ -21,7 +21,7 @@ def make_flax_mnist(config, images, labels):
   graphdef, state, tx = steps.create(config, plan)
   mesh = sharding.make_mesh()
   state = jax.device_put(state, sharding.replicated(mesh))
-  train = steps.jit_train_step(graphdef, tx, mesh, plan)
+  train = steps.jit_train_step(graphdef, tx, mesh, plan, config)
   batch = sharding.put_batch(mesh, images, labels)
   holder = [state]
 

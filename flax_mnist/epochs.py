@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from flax_mnist import geometry, interrupt, sharding
+from flax_mnist import lanes as lanes_lib
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import batches
 from flax_mnist.reporting import console
@@ -58,11 +59,20 @@ def _add(total, sums):
   return sums if total is None else total + sums
 
 
-def batch_specs(mesh, size: int, *dtypes) -> list[jax.ShapeDtypeStruct]:
-  """Abstract (images, labels[, mask]) batches of `size`, split over the mesh's devices."""
-  data = sharding.batch_sharded(mesh)
-  shapes = [(size, *geometry.IMAGE_SHAPE)] + [(size,)] * (len(dtypes) - 1)
-  return [jax.ShapeDtypeStruct(s, d, sharding=data) for s, d in zip(shapes, dtypes)]
+def batch_specs(mesh, size: int, *dtypes, lanes: int = 1) -> list[jax.ShapeDtypeStruct]:
+  """Abstract (images, labels[, mask]) batches of `size`, split over the mesh's devices; with
+  lanes, images and labels have a leading lane axis (the mask is shared)."""
+  mask, data = sharding.batch_sharded(mesh), sharding.batch_sharded(mesh, lanes > 1)
+  lane_axis = (lanes,) if lanes > 1 else ()
+  return ([jax.ShapeDtypeStruct((*lane_axis, size, *geometry.IMAGE_SHAPE), dtypes[0],
+                                sharding=data),
+           jax.ShapeDtypeStruct((*lane_axis, size), dtypes[1], sharding=data)]
+          + [jax.ShapeDtypeStruct((size,), d, sharding=mask) for d in dtypes[2:]])
+
+
+def seeds(config, plan) -> list[int]:
+  """The data-order seed of each lane (one: config.seed)."""
+  return [lane.seed for lane in lanes_lib.lanes(config)] if plan.lanes > 1 else [config.seed]
 
 
 class HostFed:
@@ -71,22 +81,36 @@ class HostFed:
   def __init__(self, graphdef, tx, state, mesh, plan, config, split: batches.Split):
     self.mesh, self.config, self.split, self.plan = mesh, config, split, plan
     dtypes = (np.uint8, np.int32) + ((np.float32,) if plan.train_padding else ())
-    self.step = steps_lib.jit_train_step(graphdef, tx, mesh, plan).lower(
-        state, *batch_specs(mesh, plan.train_batch, *dtypes)).compile()
+    self.step = steps_lib.jit_train_step(graphdef, tx, mesh, plan, config).lower(
+        state, *batch_specs(mesh, plan.train_batch, *dtypes, lanes=plan.lanes)).compile()
+
+  def _batches(self, epoch: int):
+    """This epoch's batches on the host (with lanes: each lane's, stacked), lazily."""
+    config, plan = self.config, self.plan
+    rows = sharding.process_rows(self.mesh, plan.train_batch)
+    padded = plan.train_batch if plan.train_padding else None
+    if plan.lanes == 1:
+      return batches.train_batches(self.split, config.batch_size, config.seed, epoch, rows,
+                                   padded)
+    return batches.lanes_train_batches(self.split, config.batch_size, seeds(config, plan),
+                                       epoch, rows, padded)
+
+  def _put(self, images, labels, *mask):
+    """A host batch as global arrays split over the devices."""
+    if self.plan.lanes == 1:
+      return sharding.put_batch(self.mesh, images, labels, *mask)
+    return (sharding.put_batch(self.mesh, images, labels, lanes=True)
+            + sharding.put_batch(self.mesh, *mask))
 
   def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):
     first, total = (0, None) if resume is None else (resume.batches, resume.sums)
     previous, done = None, first
-    config, bar, log = self.config, progress.bar, progress.step_log
-    plan = self.plan
-    epoch_batches = batches.train_batches(
-        self.split, config.batch_size, config.seed, epoch,
-        sharding.process_rows(self.mesh, plan.train_batch),
-        plan.train_batch if plan.train_padding else None)
-    for done, batch in enumerate(itertools.islice(epoch_batches, first, None), start=first + 1):
+    bar, log = progress.bar, progress.step_log
+    for done, batch in enumerate(itertools.islice(self._batches(epoch), first, None),
+                                 start=first + 1):
       if progress.stop.before_step():
         raise interrupt.StoppedMidEpoch(state, epoch, done - 1, total)
-      state, metrics = self.step(state, *sharding.put_batch(self.mesh, *batch))
+      state, metrics = self.step(state, *self._put(*batch))
       total = _add(total, metrics)
       if previous is not None:
         bar.update(done - 1, previous.means()[0] if bar.enabled else None)
@@ -110,19 +134,29 @@ def epoch_rows(num_examples: int, batch_size: int, seed: int, epoch: int,
   return np.pad(rows, ((0, 0), (0, padding))) if padding else rows
 
 
-def _scan_epoch(graphdef, tx, mesh, plan):
+def lanes_epoch_rows(num_examples: int, batch_size: int, seeds: list[int], epoch: int,
+                     padding: int = 0) -> np.ndarray:
+  """epoch_rows of one seed, or (steps, lanes, batch_size + padding) of several."""
+  if len(seeds) == 1:
+    return epoch_rows(num_examples, batch_size, seeds[0], epoch, padding)
+  return np.stack([epoch_rows(num_examples, batch_size, s, epoch, padding) for s in seeds], 1)
+
+
+def _scan_epoch(graphdef, tx, mesh, plan, config):
   """jit(state, images, labels, rows) -> (state, (sums, per-step sums)): the steps of `rows`
   as one lax.scan; per-step sums are stacked (steps,) arrays, for logging every N steps."""
-  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  rep, mask_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  data = sharding.batch_sharded(mesh, plan.lanes > 1)
   real = plan.train_batch - plan.train_padding
   mask = (np.arange(plan.train_batch) < real).astype(np.float32) if plan.train_padding else None
+  step = steps_lib.step_function(graphdef, tx, config, plan)
 
   def epoch(state, images, labels, rows):
     def body(state, batch_rows):
       x = jax.lax.with_sharding_constraint(images[batch_rows], data)
       y = jax.lax.with_sharding_constraint(labels[batch_rows], data)
-      m = () if mask is None else (jax.lax.with_sharding_constraint(mask, data),)
-      return steps_lib.train_step(graphdef, tx, plan.train_micro_batches, state, x, y, *m)
+      m = () if mask is None else (jax.lax.with_sharding_constraint(mask, mask_sharding),)
+      return step(state, x, y, *m)
     # Two steps per loop iteration: faster on GPU (benchmarks/RESULTS.md); same maths.
     state, per_step = jax.lax.scan(body, state, rows, unroll=2)
     return state, (jax.tree.map(lambda m: m.sum(0), per_step), per_step)
@@ -137,16 +171,18 @@ class DeviceResident:
                resume: Resume | None = None):
     self.config, self.num_examples, self.padding = config, len(split), plan.train_padding
     self.split = jax.device_put((split.images, split.labels), sharding.replicated(mesh))
-    scan = _scan_epoch(graphdef, tx, mesh, plan)
+    self.seeds = seeds(config, plan)
+    scan = _scan_epoch(graphdef, tx, mesh, plan, config)
     steps = batches.steps_per_epoch(len(split), config.batch_size)
     lengths = {steps} | ({steps - resume.batches} if resume else set())
+    lane_axis = (plan.lanes,) if plan.lanes > 1 else ()
     self.compiled = {n: scan.lower(state, *self.split, jax.ShapeDtypeStruct(
-        (n, plan.train_batch), np.int32)).compile() for n in lengths if n > 0}
+        (n, *lane_axis, plan.train_batch), np.int32)).compile() for n in lengths if n > 0}
 
   @functools.lru_cache(maxsize=2)
   def _rows(self, epoch: int, first: int = 0) -> jax.Array:
-    rows = epoch_rows(self.num_examples, self.config.batch_size, self.config.seed, epoch,
-                      self.padding)
+    rows = lanes_epoch_rows(self.num_examples, self.config.batch_size, self.seeds, epoch,
+                            self.padding)
     return jax.device_put(rows[first:], self.split[0].sharding)  # Replicated, every process.
 
   def run(self, state, epoch: int, progress: Progress, resume: Resume | None = None):

@@ -11,17 +11,19 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from flax_mnist import checkpoints as checkpoints_lib
 from flax_mnist import distributed, epochs, interrupt, model as model_lib, sharding
+from flax_mnist import lanes as lanes_lib
 from flax_mnist import plan as plan_lib
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import batches, tfds_source
 from flax_mnist.errors import FlaxMnistError
 from flax_mnist.keras import export as keras_export
-from flax_mnist.reporting import console, jsonl, report, tensorboard
+from flax_mnist.reporting import console, jsonl, report, summary, tensorboard
 from flax_mnist.reporting.console import say
 
 
@@ -36,16 +38,16 @@ def compile_eval(graphdef, state, mesh, plan):
       mesh, plan.eval_batch, np.uint8, np.int32, np.float32)).compile()
 
 
-def evaluate(evaluate_step, params, mesh, split, batch_size, padded_size
-             ) -> tuple[float, float]:
-  """(loss, accuracy) over every example of `split`, `batch_size` at a time in batches padded
-  to `padded_size` rows; padding masked out."""
+def evaluate(evaluate_step, params, mesh, split, batch_size, padded_size):
+  """The eval step's metric sums over every example of `split`, `batch_size` at a time in
+  batches padded to `padded_size` rows (padding masked out): MetricSums for one model, (per-lane
+  MetricSums, the ensemble's) for lanes."""
   total = None
   rows = sharding.process_rows(mesh, padded_size)
   for images, labels, mask in batches.eval_batches(split, batch_size, rows, padded_size):
     sums = evaluate_step(params, *sharding.put_batch(mesh, images, labels, mask))
-    total = sums if total is None else total + sums
-  return total.means()
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return total
 
 
 @dataclasses.dataclass
@@ -70,7 +72,7 @@ def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) 
     run = _Run(config, plan, workdir, checkpoints)
     start = run.start()
     if distributed.is_main():
-      jsonl.rewrite(workdir / jsonl.METRICS_FILE, start.history)
+      run.rewrite_metrics(start.history)
     if start.epoch >= config.num_epochs:
       say(f'Already finished: epoch {start.epoch}/{config.num_epochs} in {workdir}; nothing to '
           'do (raise --config.num_epochs to train on).')
@@ -107,6 +109,30 @@ class _Run:
         f'({self.checkpoints.directory})')
     return Start(state, meta['epoch'], meta['history'], resume)
 
+  def rewrite_metrics(self, history: list[dict]) -> None:
+    """metrics.jsonl (summary.jsonl and each lane's with lanes) as the checkpoint has them."""
+    if self.plan.lanes > 1:
+      summary.rewrite(self.workdir, history, self.plan.lanes)
+    else:
+      jsonl.rewrite(self.workdir / jsonl.METRICS_FILE, history)
+
+  def metric_writer(self, start_step: int):
+    """TensorBoard: WORKDIR/tensorboard, or each lane's in WORKDIR/models/<lane>/."""
+    every = self.config.log_every_steps
+    if self.plan.lanes > 1:
+      return tensorboard.LaneWriters([summary.lane_dir(self.workdir, i)
+                                      for i in range(self.plan.lanes)], start_step, every)
+    return tensorboard.MetricWriter(self.workdir, start_step, every)
+
+  def epoch_row(self, epoch, sums, evaluation, seconds, train_seconds, num_samples) -> dict:
+    """The epoch's metrics.jsonl row; with lanes, the summary row holding each lane's."""
+    if self.plan.lanes > 1:
+      return summary.epoch_row(epoch, sums, evaluation, seconds, num_samples / train_seconds)
+    (loss, accuracy), (val_loss, val_accuracy) = sums.means(), evaluation.means()
+    return dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
+                val_accuracy=val_accuracy, seconds=seconds,
+                samples_per_second=num_samples / train_seconds)
+
   def meta(self, epoch: int, history: list[dict], **extra) -> dict:
     return dict(epoch=epoch, config=self.config.to_dict(), plan=self.plan.to_dict(),
                 history=history, **extra)
@@ -118,7 +144,11 @@ class _Run:
       train_split = tfds_source.load_split(config, config.train_split)
       eval_split = tfds_source.load_split(config, config.eval_split)
     if not history:
-      say(model_lib.summary(config, nnx_model(self.graphdef, state)))
+      one = steps_lib.lane_state(state, 0) if self.plan.lanes > 1 else state
+      say(model_lib.summary(config, nnx_model(self.graphdef, one)))
+      if self.plan.lanes > 1:
+        say(f'{self.plan.lanes} lanes of this model: '
+            + '; '.join(f'{lane.index}: {lane.label()}' for lane in lanes_lib.lanes(config)))
     began = time.perf_counter()
     evaluate_step = compile_eval(self.graphdef, state, mesh, self.plan)
     engine = epochs.build(self.graphdef, self.tx, state, mesh, self.plan, config, train_split,
@@ -127,7 +157,7 @@ class _Run:
     num_samples = steps * config.batch_size
     say(f'Compiled in {time.perf_counter() - began:.1f}s. Train on {num_samples} samples, '
         f'validate on {len(eval_split)} samples')
-    writer = tensorboard.MetricWriter(self.workdir, int(state.step), config.log_every_steps)
+    writer = self.metric_writer(int(state.step))
     stop_rule = interrupt.stop_rule(mesh, self.plan.processes)
     for epoch in range(start.epoch + 1, config.num_epochs + 1):
       if stop_rule.between_epochs():  # The last epoch's checkpoint is saved.
@@ -143,40 +173,58 @@ class _Run:
         writer.flush()  # The steps logged so far, up to the checkpoint that `stop` saves.
         self.stop(stop.state, history, stop)
       resume = None
-      loss, accuracy = sums.means()
       train_seconds = time.perf_counter() - began
-      val_loss, val_accuracy = evaluate(evaluate_step, state.params, mesh, eval_split,
-                                        config.eval_batch_size, self.plan.eval_batch)
-      row = dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
-                 val_accuracy=val_accuracy, seconds=time.perf_counter() - began,
-                 samples_per_second=num_samples / train_seconds)
+      evaluation = evaluate(evaluate_step, state.params, mesh, eval_split,
+                            config.eval_batch_size, self.plan.eval_batch)
+      row = self.epoch_row(epoch, sums, evaluation, time.perf_counter() - began, train_seconds,
+                           num_samples)
       self.check_finite(row)
       history = history + [row]
       writer.write_epoch(int(state.step), row)  # Flushed before the checkpoint that keeps it.
-      self.checkpoints.save(int(state.step), state, self.meta(epoch, history), val_accuracy)
-      say(console.epoch_line(row, config.num_epochs, num_samples))
-      if distributed.is_main():
-        jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
+      self.checkpoints.save(int(state.step), state, self.meta(epoch, history),
+                            row.get('val_accuracy_mean', row.get('val_accuracy')))
+      if self.plan.lanes > 1:
+        say(summary.epoch_line(row, config.num_epochs))
+        if distributed.is_main():
+          summary.append(self.workdir, row)
+      else:
+        say(console.epoch_line(row, config.num_epochs, num_samples))
+        if distributed.is_main():
+          jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
     writer.close()
     self.finish(state, eval_split, history)
     return history
 
   def finish(self, state, eval_split, history) -> None:
-    """The seed's keras_cnn.h5 and the report's plots."""
+    """The seed's keras_cnn.h5 and the report's plots (each lane's in its folder)."""
+    if self.plan.lanes == 1:
+      return self.finish_model(state, eval_split, history, self.workdir)
+    for lane in range(self.plan.lanes):
+      self.finish_model(steps_lib.lane_state(state, lane), eval_split,
+                        [row['lanes'][lane] for row in history],
+                        summary.lane_dir(self.workdir, lane))
+    say(summary.final_table(self.config, history))
+
+  def finish_model(self, state, eval_split, history, folder) -> None:
     if distributed.is_main():
       path = keras_export.export_h5(nnx_model(self.graphdef, state), self.config,
-                                    self.workdir / keras_export.EXPORT_NAME)
+                                    folder / keras_export.EXPORT_NAME)
       say(f'Saved the Keras model to {path}')
     report.write_report(self.graphdef, state.params, self.mesh, self.config, eval_split,
-                        history, self.workdir)
+                        history, folder)
 
   def check_finite(self, row: dict) -> None:
-    if all(math.isfinite(row[k]) for k in ('loss', 'val_loss')):
+    lanes = row.get('lanes', [row])
+    bad = [i for i, r in enumerate(lanes)
+           if not all(math.isfinite(r[k]) for k in ('loss', 'val_loss'))]
+    if not bad:
       return
+    first = lanes[bad[0]]
+    which = f" (lane {', '.join(map(str, bad))})" if 'lanes' in row else ''
     kept = self.checkpoints.latest_step()
     raise TrainingDiverged(
-        f"training diverged in epoch {row['epoch']} (loss {row['loss']}, val_loss "
-        f"{row['val_loss']}); nothing was saved for it, "
+        f"training diverged in epoch {row['epoch']}{which} (loss {first['loss']}, val_loss "
+        f"{first['val_loss']}); nothing was saved for it, "
         + (f'the newest checkpoint (step {kept}) is intact' if kept
            else 'no checkpoint exists yet') + '. Lower --config.learning_rate.')
 

@@ -35,6 +35,9 @@ _OUTPUT = flags.DEFINE_string('output', '', 'export: a .h5 (Keras 3 and tf-keras
                               '(Keras 3) path (default WORKDIR/keras_cnn.h5).')
 _IMAGES = flags.DEFINE_string('images', '', 'predict: image files, PATH[,PATH...] or a GLOB.')
 _INVERT = flags.DEFINE_bool('invert', False, 'predict: images are dark digits on light paper.')
+_LANE = flags.DEFINE_integer('lane', None, 'eval/export/predict/report of a run of several '
+                             'models (config.num_models, config.sweep): lane N only. Default: '
+                             'every lane, and their ensemble for eval and predict.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -97,18 +100,20 @@ def run_mode(config, plan, workdir: str) -> int:
   """Runs --mode with the decided plan; returns the process exit code."""
   from flax_mnist import loop, modes
   from flax_mnist.data import checks
+  lane = _LANE.value
+  modes.check_lane(plan, _MODE.value, lane, _OUTPUT.value)
   checks.check(config, plan, _MODE.value, workdir)  # Before anything is written.
   if _MODE.value == 'train':
     loop.train_and_evaluate(config, workdir, plan)
   elif _MODE.value == 'eval':
-    modes.run_eval(config, plan, workdir, _STEP.value)
+    modes.run_eval(config, plan, workdir, _STEP.value, lane)
   elif _MODE.value == 'export':
-    modes.run_export(config, plan, workdir, _STEP.value, _OUTPUT.value)
+    modes.run_export(config, plan, workdir, _STEP.value, _OUTPUT.value, lane)
   elif _MODE.value == 'report':
-    modes.run_report(config, plan, workdir, _STEP.value)
+    modes.run_report(config, plan, workdir, _STEP.value, lane)
   else:
     return 1 if modes.run_predict(config, plan, workdir, _STEP.value, _IMAGES.value,
-                                  _INVERT.value) else 0
+                                  _INVERT.value, lane) else 0
   return 0
 
 

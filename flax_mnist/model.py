@@ -39,20 +39,22 @@ class CNN(nnx.Module):
     self.dense2 = nnx.Linear(config.dense_features, config.num_classes, **common)
 
   def __call__(self, x: jax.Array, *, train: bool = False,
-               dropout_keys: jax.Array | None = None) -> jax.Array:
+               dropout_keys: jax.Array | None = None, dropout_rates=None) -> jax.Array:
     """Maps images in [0, 1], (N, 784) or (N, 28, 28, 1), to float32 logits (N, num_classes).
 
-    Dropout is applied only when `train` is True, example i drawing from `dropout_keys[i]`.
+    Dropout is applied only when `train` is True, example i drawing from `dropout_keys[i]`;
+    `dropout_rates` (conv, dense), possibly traced, replace the config's for a lane of a sweep.
     """
+    conv_rate, dense_rate = dropout_rates or (self.conv_dropout, self.dense_dropout)
     x = x.reshape((x.shape[0], *geometry.IMAGE_SHAPE))
     x = nnx.relu(self.conv1(x))
     x = self.relu_pool(self.conv2(x))
     if train:
-      x = dropout.dropout(x, self.conv_dropout, dropout_keys, layer=0)
+      x = dropout.dropout(x, conv_rate, dropout_keys, layer=0)
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.
     x = nnx.relu(self.dense1(x))
     if train:
-      x = dropout.dropout(x, self.dense_dropout, dropout_keys, layer=1)
+      x = dropout.dropout(x, dense_rate, dropout_keys, layer=1)
     return self.dense2(x).astype(jnp.float32)  # Softmax and loss in float32.
 
 

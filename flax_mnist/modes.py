@@ -14,26 +14,65 @@ from flax_mnist import distributed, loop, sharding
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import images as images_lib
 from flax_mnist.data import tfds_source
+from flax_mnist.errors import ConfigError
 from flax_mnist.keras import export as keras_export
-from flax_mnist.reporting import jsonl, report
+from flax_mnist.reporting import jsonl, report, summary
 from flax_mnist.reporting.console import say
 
 
 @dataclasses.dataclass
 class Restored:
-  """A model restored for a mode: its graph, state, and the checkpoint's meta (None for
-  init_from weights)."""
+  """A model restored for a mode: its graph, state (of every lane, when the config has
+  several), and the checkpoint's meta (None for init_from weights)."""
   graphdef: object
   state: steps_lib.TrainState
   meta: dict | None
+  lanes: int = 1
 
-  def describe(self) -> str:
+  def describe(self, lane: int | None = None) -> str:
+    which = '' if lane is None or self.lanes == 1 else f' lane {lane}'
     if self.meta is None:
-      return 'the init_from weights'
-    return f"step {int(self.state.step)} (epoch {self.meta['epoch']})"
+      return f'the init_from weights{which}'
+    return f"step {int(self.state.step)} (epoch {self.meta['epoch']}){which}"
 
-  def model(self):
-    return loop.nnx_model(self.graphdef, self.state)
+  def lane_state(self, lane: int | None) -> steps_lib.TrainState:
+    """One lane's state (the whole state of a single-model config)."""
+    return self.state if self.lanes == 1 else steps_lib.lane_state(self.state, lane or 0)
+
+  def model(self, lane: int | None = None):
+    return loop.nnx_model(self.graphdef, self.lane_state(lane))
+
+  def selected(self, lane: int | None) -> list[int]:
+    """The lanes a mode works on: `lane`, or every lane when None."""
+    return list(range(self.lanes)) if lane is None else [lane]
+
+
+def single(plan):
+  """The plan for one lane of a lanes plan (a mode working on one model)."""
+  return dataclasses.replace(plan, lanes=1, lanes_per_pass=1)
+
+
+def lane_folder(workdir, restored: Restored, lane: int | None) -> pathlib.Path:
+  """Where a lane's files go: WORKDIR/models/<lane>, or WORKDIR for a single model."""
+  return pathlib.Path(workdir) if restored.lanes == 1 else summary.lane_dir(workdir, lane)
+
+
+def check_lane(plan, mode: str, lane: int | None, output: str = '') -> None:
+  """ConfigError unless --lane (None: not given) names a lane of the plan, for a mode that
+  takes one; before anything is read or written."""
+  if lane is None:
+    if mode == 'export' and output and plan.lanes > 1:
+      raise ConfigError(f'--output names one file but this config trains {plan.lanes} lanes; '
+                        'pass --lane=N with it (without --output every lane is exported to '
+                        'WORKDIR/models/<lane>/).')
+    return
+  if mode not in ('eval', 'export', 'predict', 'report'):
+    raise ConfigError(f'--lane applies to eval, export, predict and report, not --mode={mode}; '
+                      'drop it.')
+  if not 0 <= lane < plan.lanes:
+    raise ConfigError(f'--lane={lane}: this config has {plan.lanes} lane'
+                      + ('s' if plan.lanes > 1 else '') + f' (0 to {plan.lanes - 1}); pass one '
+                      'of them, or no --lane for all.')
 
 
 def restore(config, plan, workdir: str, step: str) -> Restored:
@@ -46,27 +85,42 @@ def restore(config, plan, workdir: str, step: str) -> Restored:
       raise checkpoints_lib.CheckpointError(
           f'no checkpoint in {directory}; train first, or pass --config.init_from=FILE.h5.')
     graphdef, state, _ = steps_lib.create(config, plan, keras_weights=config.init_from)
-    return Restored(graphdef, jax.device_put(state, sharding.replicated(mesh)), None)
+    return Restored(graphdef, jax.device_put(state, sharding.replicated(mesh)), None,
+                    plan.lanes)
   graphdef, state, _ = steps_lib.create(config, plan)
   state = jax.device_put(state, sharding.replicated(mesh))
   with checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints:
     state, meta = checkpoints.restore(checkpoints.resolve_step(step), state, config.to_dict())
-  return Restored(graphdef, state, meta)
+  return Restored(graphdef, state, meta, plan.lanes)
 
 
-def run_eval(config, plan, workdir: str, step: str) -> dict:
-  """Evaluates a checkpoint on config.eval_split; prints and appends to WORKDIR/eval.jsonl."""
+def run_eval(config, plan, workdir: str, step: str, lane: int | None = None) -> dict:
+  """Evaluates a checkpoint on config.eval_split; prints and appends to WORKDIR/eval.jsonl.
+  With lanes: lane `lane`, or (None) every lane and their ensemble."""
   restored = restore(config, plan, workdir, step)
   mesh = sharding.make_mesh()
-  evaluate_step = loop.compile_eval(restored.graphdef, restored.state, mesh, plan)
   split = tfds_source.load_split(config, config.eval_split)
-  val_loss, val_accuracy = loop.evaluate(evaluate_step, restored.state.params, mesh, split,
-                                         config.eval_batch_size, plan.eval_batch)
+  one = restored.lanes == 1 or lane is not None
+  state = restored.lane_state(lane) if one else restored.state
+  eval_plan = single(plan) if one else plan
+  evaluate_step = loop.compile_eval(restored.graphdef, state, mesh, eval_plan)
+  sums = loop.evaluate(evaluate_step, state.params, mesh, split, config.eval_batch_size,
+                       plan.eval_batch)
   meta = restored.meta
   row = dict(step=int(restored.state.step), epoch=meta['epoch'] if meta else None,
-             split=config.eval_split, val_loss=val_loss, val_accuracy=val_accuracy)
-  say(f'Eval of {restored.describe()} on {len(split)} {config.eval_split} samples - '
-      f'val_loss: {val_loss:.4f} - val_accuracy: {val_accuracy:.4f}')
+             split=config.eval_split)
+  if one:
+    row.update(zip(('val_loss', 'val_accuracy'), sums.means()))
+    row.update({} if restored.lanes == 1 else {'lane': lane})
+  else:
+    losses, accuracies = sums[0].lane_means()
+    for i, (l, a) in enumerate(zip(losses, accuracies)):
+      say(f'Lane {i}: val_loss: {l:.4f} - val_accuracy: {a:.4f}')
+    row.update(zip(('val_loss', 'val_accuracy'), sums[1].means()), lanes=[
+        dict(val_loss=float(l), val_accuracy=float(a)) for l, a in zip(losses, accuracies)])
+  what = restored.describe(lane) if one else f'{restored.describe()}, ensemble of {plan.lanes}'
+  say(f'Eval of {what} on {len(split)} {config.eval_split} samples - '
+      f"val_loss: {row['val_loss']:.4f} - val_accuracy: {row['val_accuracy']:.4f}")
   if distributed.is_main():
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     with open(pathlib.Path(workdir) / 'eval.jsonl', 'a') as f:
@@ -74,21 +128,32 @@ def run_eval(config, plan, workdir: str, step: str) -> dict:
   return row
 
 
-def run_export(config, plan, workdir: str, step: str, output: str) -> pathlib.Path:
+def run_export(config, plan, workdir: str, step: str, output: str,
+               lane: int | None = None) -> list[pathlib.Path]:
   """Writes checkpoint `step` as a Keras file: .h5/.hdf5 (default WORKDIR/keras_cnn.h5, the
-  seed's) or Keras 3's .keras, as `output`'s suffix says. The name is checked before the
-  checkpoint is restored, so that a typo fails at once."""
-  path = keras_export.check_name(output or pathlib.Path(workdir) / keras_export.EXPORT_NAME)
+  seed's) or Keras 3's .keras, as `output`'s suffix says. With lanes: lane `lane`, or every
+  lane, each to WORKDIR/models/<lane>/keras_cnn.h5. The name is checked before the checkpoint
+  is restored, so that a typo fails at once."""
+  if output:
+    keras_export.check_name(output)
   restored = restore(config, plan, workdir, step)
-  if distributed.is_main():
-    keras_export.export(restored.model(), config, path)
-  say(f'Exported {restored.describe()} to {path}')
-  return path
+  paths = []
+  for i in restored.selected(lane):
+    path = pathlib.Path(output or lane_folder(workdir, restored, i) / keras_export.EXPORT_NAME)
+    if distributed.is_main():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      keras_export.export(restored.model(i), config, path)
+    say(f'Exported {restored.describe(i)} to {path}')
+    paths.append(path)
+  return paths
 
 
-def classify(model, images: np.ndarray) -> np.ndarray:
-  """Class probabilities (N, classes) for (N, 28, 28) images in [0, 1]."""
-  return np.asarray(jax.nn.softmax(model(images.reshape(len(images), -1))))
+def classify(models, images: np.ndarray) -> np.ndarray:
+  """Class probabilities (N, classes) for (N, 28, 28) images in [0, 1]: a model's, or the
+  average of several models' (an ensemble of lanes)."""
+  models = models if isinstance(models, list) else [models]
+  return np.mean([np.asarray(jax.nn.softmax(m(images.reshape(len(images), -1))))
+                  for m in models], axis=0)
 
 
 def _print_error(message: str) -> None:
@@ -116,26 +181,38 @@ def classify_files(model, paths: list[pathlib.Path], invert: bool = False, repor
   return failures
 
 
-def run_predict(config, plan, workdir: str, step: str, images: str, invert: bool) -> int:
-  """Classifies the image files named by `images`; returns how many could not be read."""
+def run_predict(config, plan, workdir: str, step: str, images: str, invert: bool,
+                lane: int | None = None) -> int:
+  """Classifies the image files named by `images`; returns how many could not be read. With
+  lanes: by lane `lane`, or by the ensemble of every lane (probabilities averaged)."""
   paths = images_lib.expand_paths(images)
   if not paths:
     raise images_lib.ImageError('--images names no files; pass PATH[,PATH...] or a quoted '
                                 'GLOB.')
   images_lib.check_any_readable(paths, invert)  # Before the checkpoint is read.
   restored = restore(config, plan, workdir, step)
-  return classify_files(restored.model(), paths, invert, say)
+  models = [restored.model(i) for i in restored.selected(lane)]
+  if len(models) > 1:
+    say(f'Predictions of the ensemble of {len(models)} lanes:')
+  return classify_files(models, paths, invert, say)
 
 
-def run_report(config, plan, workdir: str, step: str) -> list[pathlib.Path]:
+def run_report(config, plan, workdir: str, step: str, lane: int | None = None
+               ) -> list[pathlib.Path]:
   """Redraws WORKDIR/plots from checkpoint `step` (confusion matrix, errors on
-  config.eval_split) and metrics.jsonl (curves; the checkpoint's own history if it is empty)."""
+  config.eval_split) and metrics.jsonl (curves; the checkpoint's own history if it is empty).
+  With lanes: those of lane `lane`, or of every lane, in WORKDIR/models/<lane>/."""
   restored = restore(config, plan, workdir, step)
   meta = restored.meta
-  history = jsonl.read(pathlib.Path(workdir) / jsonl.METRICS_FILE)
-  if not history and meta:
-    history = meta['history']
   split = tfds_source.load_split(config, config.eval_split)
-  say(f'Report of {restored.describe()} on {len(split)} {config.eval_split} samples')
-  return report.write_report(restored.graphdef, restored.state.params, sharding.make_mesh(),
-                             config, split, history, workdir, meta['epoch'] if meta else None)
+  paths = []
+  for i in restored.selected(lane):
+    folder = lane_folder(workdir, restored, i)
+    history = jsonl.read(folder / jsonl.METRICS_FILE)
+    if not history and meta:
+      history = [row['lanes'][i] if restored.lanes > 1 else row for row in meta['history']]
+    say(f'Report of {restored.describe(i)} on {len(split)} {config.eval_split} samples')
+    paths += report.write_report(restored.graphdef, restored.lane_state(i).params,
+                                 sharding.make_mesh(), config, split, history, folder,
+                                 meta['epoch'] if meta else None)
+  return paths

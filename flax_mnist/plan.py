@@ -17,11 +17,15 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
   masked rows that change nothing computed (batch 500 on 8 devices: 504 rows, 4 masked).
+- lanes (config.num_models, config.sweep): all trained by one step; on CPU one lane after
+  another (each lane's micro-batches stay in the cache, as a single model's), elsewhere all
+  lanes at once by jax.vmap (a small model leaves an accelerator mostly idle).
 """
 
 import dataclasses
 
 from flax_mnist import geometry
+from flax_mnist import lanes as lanes_lib
 from flax_mnist.errors import ConfigError
 from flax_mnist.sharding import padded_size
 from flax_mnist.ops.winograd import KERNEL_SIZES as WINOGRAD_KERNEL_SIZES
@@ -46,6 +50,8 @@ class Plan:
   train_micro_batches: int
   eval_micro_batches: int
   device_data: bool
+  lanes: int = 1  # Models trained together (flax_mnist/lanes.py).
+  lanes_per_pass: int = 1  # Lanes computed at once by jax.vmap.
 
   def line(self) -> str:
     """The one line printed at start."""
@@ -53,10 +59,12 @@ class Plan:
     hosts = f' on {self.processes} processes' if self.processes > 1 else ''
     padding = (f', batch padded to {self.train_batch} ({self.train_padding} masked rows)'
                if self.train_padding else '')
+    lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
+             else '')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
             f'{self.conv2}, pool {self.pool}, micro-batch {self.micro_batch} '
             f'({self.train_micro_batches} per train batch, {self.eval_micro_batches} per eval '
-            f'batch), {feed}{padding}')
+            f'batch), {feed}{padding}{lanes}')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -124,11 +132,14 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
     device_data = config.device_data == 'on'
   train, evaluation = (padded_size(config.batch_size, devices),
                        padded_size(config.eval_batch_size, devices))
+  lanes = lanes_lib.count(config)
+  per_pass = config.lanes_per_pass or (1 if backend == 'cpu' else lanes)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
               pool='fused' if config.dtype == 'float32' else 'autodiff', train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               micro_batch=micro, train_micro_batches=max(train // micro, 1),
-              eval_micro_batches=max(evaluation // micro, 1), device_data=device_data)
+              eval_micro_batches=max(evaluation // micro, 1), device_data=device_data,
+              lanes=lanes, lanes_per_pass=min(per_pass, lanes))
 
 
 def decide(config) -> Plan:

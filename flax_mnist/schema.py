@@ -103,6 +103,15 @@ FIELDS = (
               resumable=True),
     Field('seed', 42, 'initialisation, data order (a function of seed and epoch) and dropout',
           lambda v: v >= 0, 'a non-negative integer'),
+    # Many models in one program (flax_mnist/lanes.py).
+    _positive('num_models', 1, 'models trained together in one program; lane i is the model '
+              'that `seed + i` trains alone (outputs in `WORKDIR/models/<lane>/`)'),
+    Field('sweep', '', "lanes of other hyperparameters, a grid times `num_models`: e.g. "
+          "`'learning_rate=1e-3,3e-3; dense_dropout=0.25,0.5'` (learning_rate, adam_b1, "
+          'adam_b2, adam_eps, conv_dropout, dense_dropout)'),
+    Field('lanes_per_pass', 0, 'lanes computed at once by `jax.vmap` (0: auto, printed in the '
+          'plan: 1 on CPU, where caches favour one lane at a time; all elsewhere)',
+          lambda v: v >= 0, '0 (auto) or a positive integer', resumable=True),
     Field('progress_bar', True, 'draw the in-epoch bar (only on a terminal)', resumable=True),
     Field('log_every_steps', 10, 'TensorBoard gets the loss and accuracy of every N-th step '
           '(0: per-epoch metrics only)', lambda v: v >= 0,
@@ -159,6 +168,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_type(field, value)
     if field.check is not None and not field.check(value):
       raise ConfigError(f'config.{field.name}={value!r} is invalid: must be {field.valid}.')
+  from flax_mnist import lanes  # Imports no JAX.
+  lanes.check(config)
   if config.num_processes and config.process_id >= config.num_processes:
     raise ConfigError(f'config.process_id={config.process_id} must be below '
                       f'config.num_processes={config.num_processes}; number processes from 0.')

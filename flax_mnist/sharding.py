@@ -19,9 +19,10 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh) -> NamedSharding:
-  """Sharding that splits the leading (batch) axis over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharded(mesh, lanes: bool = False) -> NamedSharding:
+  """Sharding that splits the batch axis over the data axis: the leading one, or with `lanes`
+  the second, after the lane axis (lanes x batch x ...)."""
+  return NamedSharding(mesh, P(None, DATA_AXIS) if lanes else P(DATA_AXIS))
 
 
 def padded_size(batch_size: int, devices: int) -> int:
@@ -41,8 +42,9 @@ def process_rows(mesh, batch_size: int) -> np.ndarray:
   return np.concatenate([np.arange(start, stop) for start, stop in ranges])
 
 
-def put_batch(mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+def put_batch(mesh, *arrays: np.ndarray, lanes: bool = False) -> tuple[jax.Array, ...]:
   """Builds global batches, split along the batch axis, from this process's rows of them
-  (`process_rows`; with one process, the whole batch)."""
-  sharding = batch_sharded(mesh)
+  (`process_rows`; with one process, the whole batch); with `lanes`, arrays of
+  (lanes, rows, ...)."""
+  sharding = batch_sharded(mesh, lanes)
   return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)

@@ -111,7 +111,7 @@ def exported_keras(trained_workdir, prepared_data_dir, tmp_path_factory):
   config = small_config(prepared_data_dir)
   path = tmp_path_factory.mktemp('native') / 'model.keras'
   assert modes.run_export(config, plan_lib.decide(config), str(trained_workdir), 'latest',
-                          str(path)) == path
+                          str(path)) == [path]
   return path
 
 

@@ -32,7 +32,7 @@ def _compiled(config):
   plan = _plan(config)
   graphdef, state, tx = steps.create(config, plan)
   mesh = sharding.make_mesh()
-  train = steps.jit_train_step(graphdef, tx, mesh, plan)
+  train = steps.jit_train_step(graphdef, tx, mesh, plan, config)
   return train, jax.device_put(state, sharding.replicated(mesh)), mesh
 
 

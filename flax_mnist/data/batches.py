@@ -49,6 +49,16 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
       yield _gather(split, _pad(batch, padded_size), rows)
 
 
+def lanes_train_batches(split: Split, batch_size: int, seeds: list[int], epoch: int,
+                        rows: np.ndarray | None = None, padded_size: int | None = None
+                        ) -> Iterator:
+  """train_batches of each seed (one per lane) stacked: (lanes, rows, ...) images and labels,
+  then, when padded, the mask that all lanes share."""
+  for group in zip(*(train_batches(split, batch_size, s, epoch, rows, padded_size)
+                     for s in seeds)):
+    yield (np.stack([g[0] for g in group]), np.stack([g[1] for g in group]), *group[0][2:])
+
+
 def eval_batches(split: Split, batch_size: int, rows: np.ndarray | None = None,
                  padded_size: int | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -34,11 +34,19 @@ def dropout_bits(keys: jax.Array, layer: int, shape: tuple) -> jax.Array:
   return _mix32(_mix32(index ^ words[:, 0][expand]) + words[:, -1][expand])
 
 
-def dropout(x: jax.Array, rate: float, keys: jax.Array, layer: int) -> jax.Array:
+def dropout(x: jax.Array, rate, keys: jax.Array, layer: int) -> jax.Array:
   """Inverted dropout (as Keras) with one key per example, so each example's mask is the same
-  however the batch is split into micro-batches or over devices."""
-  if rate == 0:
-    return x
-  threshold = jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
+  however the batch is split into micro-batches or over devices.
+
+  `rate` is a Python float, or a traced float32 scalar where lanes of a sweep differ in it
+  (its threshold is then rounded in float32: a mask differs from the Python float's on about
+  one element in 10^7)."""
+  if isinstance(rate, (int, float)):
+    if rate == 0:
+      return x
+    threshold, divisor = jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1)), 1 - rate
+  else:
+    threshold = (rate.astype(jnp.float32) * 2.0 ** 32).astype(jnp.uint32)
+    divisor = (1 - rate).astype(x.dtype)
   keep = dropout_bits(keys, layer, x.shape[1:]) >= threshold
-  return jnp.where(keep, x / (1 - rate), 0)
+  return jnp.where(keep, x / divisor, 0)

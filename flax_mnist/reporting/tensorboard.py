@@ -122,6 +122,47 @@ class StepLog:
       self.record(start + offset + 1, jax.tree.map(lambda v, i=offset: v[i], per_step))
 
 
+class LaneWriters:
+  """A MetricWriter per lane, in WORKDIR/models/<lane>/tensorboard, behind MetricWriter's
+  interface: each lane gets its own row of an epoch's summary row and its own slice of
+  per-lane step metrics (TensorBoard then overlays the lanes as runs)."""
+
+  def __init__(self, lane_dirs: list, start_step: int, log_every_steps: int):
+    self.writers = [MetricWriter(d, start_step, log_every_steps) for d in lane_dirs]
+
+  def write_epoch(self, step: int, row: dict) -> None:
+    for writer, lane_row in zip(self.writers, row['lanes']):
+      writer.write_epoch(step, lane_row)
+
+  def step_log(self, first_step: int) -> 'LaneStepLogs':
+    return LaneStepLogs([w.step_log(first_step) for w in self.writers])
+
+  def flush(self) -> None:
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self.writers:
+      writer.close()
+
+
+class LaneStepLogs:
+  """StepLog's interface over per-lane metric sums ((lanes,) arrays; stacked (steps, lanes))."""
+
+  def __init__(self, logs: list[StepLog]):
+    self.logs = logs
+
+  def record(self, index: int, metrics) -> None:
+    if self.logs[0].wants(index):
+      metrics = jax.device_get(metrics)
+      for lane, log in enumerate(self.logs):
+        log.record(index, jax.tree.map(lambda v, i=lane: v[i], metrics))
+
+  def record_all(self, per_step, start: int = 0) -> None:
+    for lane, log in enumerate(self.logs):
+      log.record_all(jax.tree.map(lambda v, i=lane: v[:, i], per_step), start)
+
+
 def _records(data: bytes):
   """(payload) of each complete TFRecord in `data`; stops at a torn tail."""
   offset = 0
