@@ -155,8 +155,9 @@ class _Run:
                           resume)
     steps = batches.steps_per_epoch(len(train_split), config.batch_size)
     num_samples = steps * config.batch_size
-    say(f'Compiled in {time.perf_counter() - began:.1f}s. Train on {num_samples} samples, '
-        f'validate on {len(eval_split)} samples')
+    models = f'{self.plan.lanes} models, each ' if self.plan.lanes > 1 else ''
+    say(f'Compiled in {time.perf_counter() - began:.1f}s. Train {models}on {num_samples} '
+        f'samples, validate on {len(eval_split)} samples')
     writer = self.metric_writer(int(state.step))
     stop_rule = interrupt.stop_rule(mesh, self.plan.processes)
     for epoch in range(start.epoch + 1, config.num_epochs + 1):
@@ -178,21 +179,28 @@ class _Run:
                             config.eval_batch_size, self.plan.eval_batch)
       row = self.epoch_row(epoch, sums, evaluation, time.perf_counter() - began, train_seconds,
                            num_samples)
-      self.check_finite(row)
-      history = history + [row]
-      writer.write_epoch(int(state.step), row)  # Flushed before the checkpoint that keeps it.
-      self.checkpoints.save(int(state.step), state, self.meta(epoch, history),
-                            row.get('val_accuracy_mean', row.get('val_accuracy')))
-      if self.plan.lanes > 1:
-        say(summary.epoch_line(row, config.num_epochs))
-        if distributed.is_main():
-          summary.append(self.workdir, row)
-      else:
-        say(console.epoch_line(row, config.num_epochs, num_samples))
-        if distributed.is_main():
-          jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
+      history = self.record(state, history, row, writer, num_samples)
     writer.close()
     self.finish(state, eval_split, history)
+    return history
+
+  def record(self, state, history, row, writer, num_samples) -> list[dict]:
+    """Keeps a finished epoch: TensorBoard, then its checkpoint, then the console line and the
+    metrics files (the checkpoint is the truth they are rewritten from on resume). Returns
+    the history with `row`."""
+    self.check_finite(row)
+    history = history + [row]
+    writer.write_epoch(int(state.step), row)  # Flushed before the checkpoint that keeps it.
+    self.checkpoints.save(int(state.step), state, self.meta(row['epoch'], history),
+                          row.get('val_accuracy_mean', row.get('val_accuracy')))
+    if self.plan.lanes > 1:
+      say(summary.epoch_line(row, self.config.num_epochs))
+      if distributed.is_main():
+        summary.append(self.workdir, row)
+    else:
+      say(console.epoch_line(row, self.config.num_epochs, num_samples))
+      if distributed.is_main():
+        jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
     return history
 
   def finish(self, state, eval_split, history) -> None:

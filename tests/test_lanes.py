@@ -223,12 +223,27 @@ def test_device_resident_lanes_equal_host_fed_lanes(two_tiny_lanes, tmp_path):
         assert lane[key] == pytest.approx(lane_want[key], rel=1e-5, abs=1e-6), key
 
 
+def test_lanes_together_by_vmap_equal_lanes_one_after_another(two_tiny_lanes, tmp_path):
+  """lanes_per_pass=2 (jax.vmap, the GPU/TPU plan) computes what 1 (lax.map, CPU's) does."""
+  config, straight, _ = two_tiny_lanes
+  together = config.copy_and_resolve_references()
+  together.lanes_per_pass = 2
+  assert cpu_plan(together).lanes_per_pass == 2
+  history = loop.train_and_evaluate(together, str(tmp_path))
+  for row, want in zip(history, straight):
+    assert row['ensemble_val_accuracy'] == pytest.approx(want['ensemble_val_accuracy'], abs=0.01)
+    for lane, lane_want in zip(row['lanes'], want['lanes']):
+      for key in summary.STAT_KEYS:
+        assert lane[key] == pytest.approx(lane_want[key], rel=1e-3, abs=1e-3), key
+
+
 _ON_DEVICES = '''
 import json
 from conftest import small_config
 from test_faults import TINY
 from flax_mnist import loop
-config = small_config({data_dir!r}, **{{**TINY, 'batch_size': 101, 'micro_batch_size': 0}},
+config = small_config({data_dir!r}, **{{**TINY, 'batch_size': 102, 'eval_batch_size': 102,
+                                       'micro_batch_size': 0}},
                       num_models=2)
 print('ROWS', json.dumps(loop.train_and_evaluate(config, {workdir!r})))
 '''
@@ -281,7 +296,7 @@ def test_three_lanes_on_the_command_line(prepared_data_dir, tmp_path, digit_file
   lane_2 = json.loads((workdir / 'models' / '2' / 'metrics.jsonl').read_text().splitlines()[-1])
   assert f"lane 2 on 600 test[:600] samples - val_loss: {lane_2['val_loss']:.4f}" in one.stdout
   every = _cli(workdir, prepared_data_dir, *lanes_flag, '--mode=eval')
-  assert f"ensemble of 3 on 600 test[:600] samples - val_loss: " in every.stdout
+  assert "ensemble of 3 on 600 test[:600] samples - val_loss: " in every.stdout
   assert f"val_accuracy: {history[-1]['ensemble_val_accuracy']:.4f}" in every.stdout
   bad = _cli(workdir, prepared_data_dir, *lanes_flag, '--mode=eval', '--lane=3')
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
