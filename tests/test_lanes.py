@@ -242,25 +242,26 @@ import json
 from conftest import small_config
 from test_faults import TINY
 from flax_mnist import loop
-config = small_config({data_dir!r}, **{{**TINY, 'batch_size': 102, 'eval_batch_size': 102,
+config = small_config({data_dir!r}, **{{**TINY, 'batch_size': 99, 'eval_batch_size': 99,
                                        'micro_batch_size': 0}},
                       num_models=2)
 print('ROWS', json.dumps(loop.train_and_evaluate(config, {workdir!r})))
 '''
 
 
-def test_lanes_on_four_devices_with_a_padded_batch_train_like_one_device(prepared_data_dir,
-                                                                         tmp_path):
+def test_lanes_on_two_devices_with_a_padded_batch_train_like_one_device(prepared_data_dir,
+                                                                        tmp_path):
+  """Batch 99 on 2 devices: 100 rows, one masked, shared by both lanes."""
   histories = []
-  for devices in (1, 4):
+  for devices in (1, 2):
     result = run_python(_ON_DEVICES.format(data_dir=prepared_data_dir,
                                            workdir=str(tmp_path / str(devices))), devices)
     assert result.returncode == 0, result.stderr[-3000:]
     histories.append(json.loads(result.stdout.split('ROWS ', 1)[1]))
-  for one, four in zip(*histories):
-    for lane_one, lane_four in zip(one['lanes'], four['lanes']):
+  for one, two in zip(*histories):
+    for lane_one, lane_two in zip(one['lanes'], two['lanes']):
       for key in summary.STAT_KEYS:
-        assert lane_four[key] == pytest.approx(lane_one[key], rel=1e-4, abs=1e-5), key
+        assert lane_two[key] == pytest.approx(lane_one[key], rel=1e-4, abs=1e-5), key
 
 
 def test_lane_state_is_the_lanes_own(two_tiny_lanes):
@@ -277,14 +278,14 @@ def test_lane_state_is_the_lanes_own(two_tiny_lanes):
 def test_three_lanes_on_the_command_line(prepared_data_dir, tmp_path, digit_files):
   from test_modes import _cli
   workdir = tmp_path / 'w'
-  trained = _cli(workdir, prepared_data_dir, '--config.num_models=3', '--config.num_epochs=2',
+  trained = _cli(workdir, prepared_data_dir, '--config.num_models=3', '--config.num_epochs=1',
                  '--config.progress_bar=False')
   assert trained.returncode == 0, trained.stderr[-2000:]
   out = trained.stdout
   assert out.splitlines()[0].endswith(', 3 lanes (1 per pass)')
   assert '3 lanes of this model: 0: seed 42; 1: seed 43; 2: seed 44' in out
   epoch_lines = [line for line in out.splitlines() if line.startswith('Epoch ')]
-  assert len(epoch_lines) == 2 and all(
+  assert len(epoch_lines) == 1 and all(
       ' - 3 models - ' in line and ' - val_accuracy: 0.' in line and ' +- ' in line
       and ' - ensemble val_accuracy: 0.' in line for line in epoch_lines), epoch_lines
   assert 'lane  model' in out and '   2  seed 44' in out and 'Ensemble of 3: val_accuracy' in out
