@@ -1,6 +1,7 @@
 """The benchmarks' own logic that needs no peer and no accelerator."""
 
 import importlib.util
+import json
 import sys
 
 import numpy as np
@@ -68,3 +69,20 @@ def test_throughput_overrides_and_the_cpu_bound_neighbour():
     assert len(busy) == 1
   assert not busy[0].is_running() or busy[0].status() == psutil.STATUS_ZOMBIE
 
+
+
+def test_seeds_table_summarises_the_lanes_of_a_workdir(tmp_path):
+  import seeds_table
+  workdir = tmp_path / 'base-3'
+  finals = (0.990, 0.992, 0.994)
+  for lane, final in enumerate(finals):
+    folder = workdir / 'models' / str(lane)
+    folder.mkdir(parents=True)
+    (folder / 'metrics.jsonl').write_text(''.join(
+        json.dumps(dict(epoch=e, val_accuracy=v)) + '\n' for e, v in ((1, 0.995), (2, final))))
+  (workdir / 'summary.jsonl').write_text(''.join(
+      json.dumps(dict(epoch=e, ensemble_val_accuracy=v, seconds=60.0)) + '\n'
+      for e, v in ((1, 0.996), (2, 0.993))))
+  assert seeds_table.table_row(workdir) == (
+      '| base-3 | 3 | 2 | 0.9920 +- 0.0020 (0.9900-0.9940) | 0.9950 +- 0.0000 | 0.9930 | 0.9960 '
+      '| 2 min |')
