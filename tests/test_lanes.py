@@ -105,7 +105,7 @@ def three_lanes(prepared_data_dir, tmp_path_factory):
   return config, workdir, loop.train_and_evaluate(config, str(workdir))
 
 
-@pytest.mark.parametrize('lane', [0, 1, 2])
+@pytest.mark.parametrize('lane', [0, 2])  # The first and the last; lane 1: the CLI test.
 def test_lane_i_equals_the_single_run_of_seed_plus_i(three_lanes, lane, tmp_path):
   config, workdir, history = three_lanes
   single = lanes.lane_config(config, lanes.lanes(config)[lane])
@@ -149,10 +149,6 @@ def test_the_ensemble_averages_the_lanes_probabilities(three_lanes):
                                         sharding.make_mesh(), test, 1000) for i in range(3)], 0)
   accuracy = (probs.argmax(-1) == test.labels).mean()
   assert history[-1]['ensemble_val_accuracy'] == pytest.approx(accuracy, abs=1e-4)
-  row = modes.run_eval(config, cpu_plan(config), str(workdir), 'latest')
-  assert row['val_accuracy'] == history[-1]['ensemble_val_accuracy']
-  assert [r['val_accuracy'] for r in row['lanes']] == [
-      lane['val_accuracy'] for lane in history[-1]['lanes']]
 
 
 # Sweeps: traced hyperparameters, one compile.
