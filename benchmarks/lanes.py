@@ -44,7 +44,7 @@ for _ in range({steps}):
   state, metrics = step(state, *batch)
 jax.block_until_ready(state)
 print('RESULT', json.dumps(dict(seconds=(time.perf_counter() - began) / {steps},
-                                line=plan.line())))
+                                per_pass=plan.lanes_per_pass, line=plan.line())))
 '''
 
 
@@ -70,12 +70,12 @@ def main() -> None:
   passes = [int(n) for n in args.lanes_per_pass.split(',')]
   cases = [(n, p) for n in counts for p in passes if n > 1 or p == passes[0]]
   times = {case: [] for case in cases}
-  lines = {}
+  lines, per_passes = {}, {}
   for repeat in range(args.repeats):
     for case in cases[repeat % len(cases):] + cases[:repeat % len(cases)]:
       block = time_block(args.config, *case, args.steps)
       times[case].append(block['seconds'])
-      lines[case] = block['line']
+      lines[case], per_passes[case] = block['line'], block['per_pass']
   one = statistics.median(times[cases[0]])
   print(f'{args.config}, batch 500 per lane, median of {args.repeats} blocks of {args.steps} '
         'steps')
@@ -83,7 +83,7 @@ def main() -> None:
   print('| --- | --- | --- | --- | --- |')
   for n, per_pass in cases:
     seconds = statistics.median(times[(n, per_pass)])
-    shown = lines[(n, per_pass)].rpartition('(')[2].split(' ')[0] if n > 1 else '-'
+    shown = per_passes[(n, per_pass)] if n > 1 else '-'
     print(f'| {n} | {shown} | {seconds:.3f} | {500 * n / seconds:,.0f} | '
           f'{seconds / (n * one):.2f} |')
   print(lines[cases[-1]])

@@ -111,7 +111,8 @@ def run_eval(config, plan, workdir: str, step: str, lane: int | None = None) -> 
              split=config.eval_split)
   if one:
     row.update(zip(('val_loss', 'val_accuracy'), sums.means()))
-    row.update({} if restored.lanes == 1 else {'lane': lane})
+    if restored.lanes > 1:
+      row['lane'] = lane
   else:
     losses, accuracies = sums[0].lane_means()
     for i, (l, a) in enumerate(zip(losses, accuracies)):
