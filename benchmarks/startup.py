@@ -6,8 +6,9 @@
 Times, in fresh processes, alternating, `--repeats` times each: `python -c "import jax;
 jax.devices()"` (the floor any JAX program pays), `python -m flax_mnist.main --help`,
 `--mode=config`, and `--mode=eval` on WORKDIR (a trained workdir of the config) with the
-compilation cache warm (a first eval fills it). Reports the median wall seconds of each and
-eval's ratio to JAX's start.
+compilation cache and split cache warm (a first eval fills them), and once more with the split
+cache off (the split read through tfds). Reports the median wall seconds of each and eval's
+ratio to JAX's start.
 """
 
 import argparse
@@ -50,15 +51,19 @@ def main() -> None:
                                      f'--config.data_dir={args.data_dir}', '--mode=eval'],
   }
   with tempfile.TemporaryDirectory() as cache:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
-    _seconds(commands['--mode=eval'], env)  # Fills the compilation cache.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=f'{cache}/jax',
+               FLAX_MNIST_SPLIT_CACHE=f'{cache}/splits')
+    _seconds(commands['--mode=eval'], env)  # Fills both caches.
+    envs = {name: env for name in commands}
+    commands['--mode=eval, split cache off'] = commands['--mode=eval']
+    envs['--mode=eval, split cache off'] = dict(env, FLAX_MNIST_SPLIT_CACHE='off')
     times = {name: [] for name in commands}
     for _ in range(args.repeats):
       for name, command in commands.items():
-        times[name].append(_seconds(command, env))
+        times[name].append(_seconds(command, envs[name]))
   medians = {name: statistics.median(values) for name, values in times.items()}
   for name, value in medians.items():
-    print(f'{name:<28} median {value:6.2f} s  (all: '
+    print(f'{name:<32} median {value:6.2f} s  (all: '
           f'{", ".join(f"{v:.2f}" for v in times[name])})')
   print(f'eval / JAX start: {medians["--mode=eval"] / medians["import jax; jax.devices()"]:.1f}x')
 

@@ -91,18 +91,22 @@ class _Run:
     self.config, self.plan, self.workdir, self.checkpoints = config, plan, workdir, checkpoints
     self.mesh = sharding.make_mesh()
     self.latest = checkpoints.latest_step()
-    keras_weights = '' if self.latest else config.init_from
-    self.graphdef, self.fresh, self.tx = steps_lib.create(config, plan, keras_weights)
+    self.tx = steps_lib.make_optimizer(config)
+    replicated = sharding.replicated(self.mesh)
+    if self.latest is None:  # A fresh state; else the shapes that a checkpoint fills.
+      self.graphdef, fresh, _ = steps_lib.create(config, plan, config.init_from)
+      self.state = jax.device_put(fresh, replicated)
+    else:
+      self.graphdef, self.state = steps_lib.abstract(config, plan, replicated)
 
   def start(self) -> Start:
     """From the newest readable checkpoint when there is one, else fresh (Keras initializers,
     or config.init_from's weights)."""
-    state = jax.device_put(self.fresh, sharding.replicated(self.mesh))
     if self.latest is None:
       if self.config.init_from:
         say(f'Starting from the weights in {self.config.init_from}')
-      return Start(state)
-    state, meta = self.checkpoints.restore_newest_readable(state, self.config.to_dict())
+      return Start(self.state)
+    state, meta = self.checkpoints.restore_newest_readable(self.state, self.config.to_dict())
     resume = epochs.Resume.from_meta(meta.get('partial'))
     within = f' and {resume.batches} batches of epoch {resume.epoch}' if resume else ''
     say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)}{within} "

@@ -87,8 +87,7 @@ def restore(config, plan, workdir: str, step: str) -> Restored:
     graphdef, state, _ = steps_lib.create(config, plan, keras_weights=config.init_from)
     return Restored(graphdef, jax.device_put(state, sharding.replicated(mesh)), None,
                     plan.lanes)
-  graphdef, state, _ = steps_lib.create(config, plan)
-  state = jax.device_put(state, sharding.replicated(mesh))
+  graphdef, state = steps_lib.abstract(config, plan, sharding.replicated(mesh))
   with checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints:
     state, meta = checkpoints.restore(checkpoints.resolve_step(step), state, config.to_dict())
   return Restored(graphdef, state, meta, plan.lanes)

@@ -98,6 +98,21 @@ def create(config, plan, keras_weights: str = '') -> tuple[nnx.GraphDef, TrainSt
                                 key=jnp.stack([m[2] for m in made])), tx
 
 
+def abstract(config, plan, sharding) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, the state's shapes and dtypes with `sharding`): a restore target built by
+  tracing `create`, not running it, since a restore overwrites every value."""
+  graphdefs = []
+
+  def state():
+    graphdef, fresh, _ = create(config, plan)
+    graphdefs.append(graphdef)
+    return fresh
+
+  shapes = jax.eval_shape(state)
+  return graphdefs[0], jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
 def lane_state(state: TrainState, lane: int) -> TrainState:
   """Lane `lane`'s own state, out of a state of several lanes."""
   return state.replace(params=jax.tree.map(lambda x: x[lane], state.params),

@@ -1,5 +1,6 @@
 """Shared fixtures: the real MNIST IDX files and a tfds data dir prepared from them once."""
 
+import gzip
 import os
 import pathlib
 
@@ -40,6 +41,19 @@ def command_line_compilation_cache(tmp_path_factory):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
 
 
+@pytest.fixture(scope='session', autouse=True)
+def session_split_cache(tmp_path_factory):
+  """The split cache, as users have it, in this session's temp folder (a split read once is
+  read again without tfds, as by users; tests of the tfds paths turn it off: split_cache_off)."""
+  os.environ['FLAX_MNIST_SPLIT_CACHE'] = str(tmp_path_factory.mktemp('split_cache'))
+
+
+@pytest.fixture(name='split_cache_off')
+def fixture_split_cache_off(monkeypatch):
+  """Splits read through tfds, every time."""
+  monkeypatch.setenv('FLAX_MNIST_SPLIT_CACHE', 'off')
+
+
 @pytest.fixture(scope='session')
 def mnist_dir() -> pathlib.Path:
   assert (MNIST_DIR / 't10k-labels-idx1-ubyte.gz').is_file(), (
@@ -55,6 +69,25 @@ def prepared_data_dir(mnist_dir, tmp_path_factory) -> str:
   config = base_config(idx_dir=str(mnist_dir), data_dir=data_dir)
   prepare.ensure_prepared(config, tfds_source.get_builder(config))
   return data_dir
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>u4').tobytes()
+  path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(name='tiny_idx_dir')
+def fixture_tiny_idx_dir(tmp_path, mnist_dir):
+  """Four IDX files of 300 + 100 real digits: preparations that take a second."""
+  from flax_mnist.data import idx
+  folder = tmp_path / 'tiny_idx'
+  folder.mkdir()
+  images, labels = idx.read_split(mnist_dir, 'test')
+  for split, rows in (('train', slice(0, 300)), ('test', slice(300, 400))):
+    image_stem, label_stem = idx.SPLIT_FILES[split]
+    _write_idx(folder / f'{image_stem}.gz', images[rows])
+    _write_idx(folder / f'{label_stem}.gz', labels[rows])
+  return folder
 
 
 def cpu_plan(config):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -246,19 +247,26 @@ def _kill_at(command, env, moment, rng, workdir):
   start = time.monotonic()
   process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
-  if moment == 'start-up':  # Imports, data loading, compiling: anywhere in the first seconds.
-    time.sleep(rng.uniform(0.5, 6.0))
-  else:
-    for line in process.stdout:  # Training begins right after this line.
+  compiled = threading.Event()  # Training begins right after the line that sets it.
+
+  def read():
+    for line in process.stdout:
       if line.startswith(('Compiled', 'Already finished')):
-        break
+        compiled.set()
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  if moment == 'start-up':  # Imports, data loading, compiling: however fast they are.
+    compiled.wait(rng.uniform(0.5, 6.0))
+  else:
+    compiled.wait(300)
     if moment == 'training':
       time.sleep(rng.uniform(0.0, 3.0))
     else:  # 'checkpoint write': the moment orbax's temporary folder appears.
       while process.poll() is None and not list(workdir.glob(_TMP)):
         time.sleep(0.0005)
   process.kill()
-  process.communicate()
+  process.wait()
+  reader.join()
   folder = workdir / 'checkpoints'
   names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
   return (f'{moment} kill at {time.monotonic() - start:.1f}s (exit {process.returncode}): '

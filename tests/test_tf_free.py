@@ -9,7 +9,6 @@ tfds then fails at import.) At exit, the prelude checks that TensorFlow was neve
 is still unimportable, and says so on stdout.
 """
 
-import gzip
 import json
 import pathlib
 import textwrap
@@ -19,6 +18,8 @@ import pytest
 
 from conftest import base_config, run_python
 from flax_mnist.data import idx, tfds_source
+
+pytestmark = pytest.mark.usefixtures('split_cache_off')  # These tests check the tfds paths.
 
 PRELUDE = textwrap.dedent('''
     import atexit, importlib.util, os, sys
@@ -60,24 +61,6 @@ def _run_tf_free(code: str, timeout: int = 600):
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   assert result.stdout.rstrip().endswith(TF_FREE), result.stdout[-2000:]
   return result
-
-
-def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
-  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>u4').tobytes()
-  path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-@pytest.fixture(name='tiny_idx_dir')
-def fixture_tiny_idx_dir(tmp_path, mnist_dir):
-  """Four IDX files of 300 + 100 real digits: preparations that take a second."""
-  folder = tmp_path / 'tiny_idx'
-  folder.mkdir()
-  images, labels = idx.read_split(mnist_dir, 'test')
-  for split, rows in (('train', slice(0, 300)), ('test', slice(300, 400))):
-    image_stem, label_stem = idx.SPLIT_FILES[split]
-    _write_idx(folder / f'{image_stem}.gz', images[rows])
-    _write_idx(folder / f'{label_stem}.gz', labels[rows])
-  return folder
 
 
 def _tf_arrays(data_dir, splits, **overrides) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -12,6 +12,9 @@ from flax_mnist.data import prepare, tfds_source
 from flax_mnist.errors import DataError
 
 
+pytestmark = pytest.mark.usefixtures('split_cache_off')  # These tests check the tfds paths.
+
+
 def _config(data_dir, **overrides):
   return base_config(data_dir=data_dir, **overrides)
 

@@ -10,7 +10,7 @@ here too, still before the workdir: a download that fails leaves nothing behind.
 
 import pathlib
 
-from flax_mnist.data import offline, prepare, tfds_source
+from flax_mnist.data import offline, prepare, split_cache, tfds_source
 from flax_mnist.errors import DataError, first_line
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
@@ -21,13 +21,24 @@ _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
 def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
   """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run;
   prepares the dataset once every input that can be checked without it has passed."""
-  reads_data = mode in _SPLITS
+  reads_data = mode in _SPLITS and not _cached(config, _SPLITS[mode])
   if reads_data:
     builder, idx_splits = check_dataset(config, _SPLITS[mode])
   if config.init_from and not _has_checkpoints(workdir):
     check_init_from(config, plan)
   if reads_data:
     prepare_dataset(config, builder, idx_splits, _SPLITS[mode])
+
+
+def _cached(config, split_fields: tuple[str, ...]) -> bool:
+  """Whether every split is in the split cache (checked when it was stored, and its dataset
+  unchanged since), with enough examples: then nothing about the dataset needs tfds."""
+  sizes = [split_cache.size(config, config[field]) for field in split_fields]
+  if None in sizes:
+    return False
+  for field, examples in zip(split_fields, sizes):
+    _check_size(config, field, examples)
+  return True
 
 
 def _has_checkpoints(workdir) -> bool:
@@ -77,6 +88,11 @@ def _check_split(config, splits, field: str) -> None:
   except (ValueError, KeyError) as e:
     raise DataError(f'config.{field}={split!r}: {first_line(e)} '
                     f"(splits of {config.dataset!r}: {', '.join(splits)}).") from None
+  _check_size(config, field, examples)
+
+
+def _check_size(config, field: str, examples: int) -> None:
+  split = config[field]
   needed = config.batch_size if field == 'train_split' else 1
   if examples < needed:
     raise DataError(f'config.{field}={split!r} holds {examples} examples, fewer than '

@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 
+from flax_mnist.data import split_cache
 from flax_mnist.data.batches import Split
 from flax_mnist.errors import DataError, first_line
 from flax_mnist.geometry import IMAGE_SHAPE
@@ -132,22 +133,29 @@ def has_array_record(builder) -> bool:
 
 
 def load_split(config, split: str) -> Split:
-  """Reads one tfds split (e.g. 'train[:55000]') of config.dataset into memory: from its
-  array_record copy where it has one (numpy, no TensorFlow), else from tfrecord with TensorFlow
+  """Reads one tfds split (e.g. 'train[:55000]') of config.dataset into memory: from the split
+  cache while the prepared dataset is unchanged (split_cache.py), else from its array_record
+  copy where it has one (numpy, no TensorFlow), else from tfrecord with TensorFlow
   (prepare.ensure_prepared has made an array_record copy, or failed, where TensorFlow is
-  missing)."""
+  missing), and caches it."""
+  cached = split_cache.load(config, split)
+  if cached is not None:
+    return cached
   from flax_mnist.data import prepare
   tfds = import_tfds()
   builder = get_builder(config)
   prepare.ensure_prepared(config, builder)
   if has_array_record(builder) or not has_tensorflow():  # Without TF: one just added.
-    return _read_array_record(config, builder, split)
-  try:
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  except (ValueError, KeyError, AssertionError) as e:
-    raise _split_error(config, split, e) from None
-  return Split(images=np.asarray(arrays['image'], np.uint8),
-               labels=np.asarray(arrays['label'], np.int32))
+    loaded = _read_array_record(config, builder, split)
+  else:
+    try:
+      arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    except (ValueError, KeyError, AssertionError) as e:
+      raise _split_error(config, split, e) from None
+    loaded = Split(images=np.asarray(arrays['image'], np.uint8),
+                   labels=np.asarray(arrays['label'], np.int32))
+  split_cache.store(config, split, builder.data_path, loaded)
+  return loaded
 
 
 def _read_array_record(config, builder, split: str) -> Split:
