@@ -88,7 +88,7 @@ def size(config, split: str) -> int | None:
     if _files(data_path) != manifest['files']:
       return None
     return int(manifest['examples'])
-  except Exception:  # Missing (or entry None), damaged, or written by another version.
+  except Exception:  # Missing, damaged, or written by another version of this module.
     return None
 
 
