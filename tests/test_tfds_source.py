@@ -1,6 +1,8 @@
 """tfds datasets read into memory, and their offline preparation from IDX files."""
 
+import pathlib
 import socket
+import tempfile
 import time
 
 import numpy as np
@@ -159,6 +161,17 @@ def test_split_sizes_known_before_preparing(tmp_path):
   with pytest.raises(ValueError, match="Unknown split 'validation'"):
     splits['validation']  # pylint: disable=pointless-statement
   assert not any(tmp_path.iterdir())
+
+
+def test_a_builder_of_a_dataset_not_prepared_leaves_no_temporary_folder(tmp_path):
+  """tfds alone leaves an empty /tmp/tmp*tfds behind for each such builder."""
+  temporary = pathlib.Path(tempfile.gettempdir())
+  before = set(temporary.glob('tmp*tfds'))
+  for _ in range(3):
+    assert not tfds_source.get_builder(_config(str(tmp_path))).is_prepared()
+  assert set(temporary.glob('tmp*tfds')) <= before
+  assert tempfile.gettempdir() == str(temporary)
+  assert not list(temporary.glob('flax_mnist_tfds_*'))
 
 
 def test_bad_idx_file_fails_before_writing(tmp_path, mnist_dir):

@@ -123,7 +123,7 @@ def add_array_record(builder, dataset: str, idx_dir: str, splits: IdxSplits | No
   """
   import shutil
 
-  import tensorflow_datasets as tfds
+  from flax_mnist.data import tfds_source
   from flax_mnist.errors import DataError
   splits = splits or read_splits(idx_dir)
   info = builder.info
@@ -133,7 +133,7 @@ def add_array_record(builder, dataset: str, idx_dir: str, splits: IdxSplits | No
                     f'files in {idx_dir} hold {split_sizes(splits)}; pass the IDX files it was '
                     'prepared from, or another --config.data_dir.')
   with tempfile.TemporaryDirectory(prefix='flax_mnist_array_record_') as folder:
-    copy = tfds.builder(dataset, data_dir=folder)
+    copy = tfds_source.new_builder(dataset, folder)
     prepare_from_idx(copy, idx_dir, splits, tensorflow=False)
     shards = {name: list(copy.info.splits[name].shard_lengths) for name in recorded}
     if shards != {name: list(info.splits[name].shard_lengths) for name in recorded}:

@@ -92,11 +92,35 @@ def import_tfds():
   return tfds
 
 
+@contextlib.contextmanager
+def _temporary_files_removed():
+  """Points Python's temporary folder at one of ours for the body, and removes it after.
+
+  tfds makes a temporary folder for every builder of a dataset not prepared yet
+  (DatasetInfo.initialize_from_bucket, to copy metadata from GCS) and never removes it: one
+  empty /tmp/tmp*tfds per first run, otherwise. Nothing else runs meanwhile: no thread of ours
+  has started when builders are made.
+  """
+  with tempfile.TemporaryDirectory(prefix='flax_mnist_tfds_') as folder:
+    saved, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+      yield
+    finally:
+      tempfile.tempdir = saved
+
+
+def new_builder(name: str, data_dir: str | None):
+  """tfds.builder(name, data_dir), leaving no temporary folder behind."""
+  tfds = import_tfds()
+  with _temporary_files_removed():
+    return tfds.builder(name, data_dir=data_dir)
+
+
 def get_builder(config):
   """Returns the tfds builder named by config.dataset, checking it is 28x28x1 with 10 classes."""
   tfds = import_tfds()
   try:
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
+    builder = new_builder(config.dataset, config.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f'config.dataset={config.dataset!r} is not a tfds dataset; use e.g. '
                     "'mnist' or 'fashion_mnist'.") from None
