@@ -1,5 +1,5 @@
-"""Decoded splits kept in the user's cache, so that a resume, eval or report reads its split in
-milliseconds, without importing tensorflow-datasets (or TensorFlow) or decoding 60,000 PNGs.
+"""Decoded splits kept in the user's cache, so that a resume, eval or report reads its split as
+one file, without importing tensorflow-datasets (or TensorFlow) or decoding 60,000 PNGs.
 
 tfds stays the source: a split enters the cache only as tfds read it, and an entry is used
 only while the prepared dataset it came from is unchanged: the entry lists the dataset folder's
@@ -76,28 +76,31 @@ def _manifest(entry: zipfile.ZipFile) -> dict:
     return json.loads(f.read())
 
 
-def size(config, split: str) -> int | None:
-  """The number of examples of a cached, current split; None when it is not cached."""
-  entry = _entry(config, split)
+def _examples(entry: pathlib.Path | None) -> int | None:
+  """The number of examples in `entry` while its dataset is unchanged; None otherwise."""
   if entry is None:
     return None
   try:
     with zipfile.ZipFile(entry) as z:
       manifest = _manifest(z)
-    data_path = pathlib.Path(manifest['data_path'])
-    if _files(data_path) != manifest['files']:
+    if _files(pathlib.Path(manifest['data_path'])) != manifest['files']:
       return None
     return int(manifest['examples'])
   except Exception:  # Missing, damaged, or written by another version of this module.
     return None
 
 
+def size(config, split: str) -> int | None:
+  """The number of examples of a cached, current split; None when it is not cached."""
+  return _examples(_entry(config, split))
+
+
 def load(config, split: str) -> Split | None:
   """The cached split, or None when it is not cached or no longer current."""
-  examples = size(config, split)
+  entry = _entry(config, split)
+  examples = _examples(entry)
   if examples is None:
     return None
-  entry = _entry(config, split)
   try:
     with np.load(entry, allow_pickle=False) as arrays:
       images, labels = arrays['images'], arrays['labels']
@@ -117,9 +120,9 @@ def store(config, split: str, data_path, loaded: Split) -> None:
   entry = _entry(config, split)
   if entry is None:
     return
-  manifest = dict(data_path=str(pathlib.Path(os.fspath(data_path)).resolve()), split=split,
-                  dataset=config.dataset, examples=len(loaded),
-                  files=_files(pathlib.Path(os.fspath(data_path))))
+  data_path = pathlib.Path(os.fspath(data_path)).resolve()
+  manifest = dict(data_path=str(data_path), split=split, dataset=config.dataset,
+                  examples=len(loaded), files=_files(data_path))
   try:
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=entry.parent, suffix='.tmp', delete=False) as f:
