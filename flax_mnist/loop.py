@@ -17,13 +17,12 @@ from flax import nnx
 
 from flax_mnist import checkpoints as checkpoints_lib
 from flax_mnist import distributed, epochs, interrupt, model as model_lib, sharding
-from flax_mnist import lanes as lanes_lib
 from flax_mnist import plan as plan_lib
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import batches, tfds_source
 from flax_mnist.errors import FlaxMnistError
 from flax_mnist.keras import export as keras_export
-from flax_mnist.reporting import console, jsonl, report, summary, tensorboard
+from flax_mnist.reporting import console, outputs, report
 from flax_mnist.reporting.console import say
 
 
@@ -72,7 +71,7 @@ def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) 
     run = _Run(config, plan, workdir, checkpoints)
     start = run.start()
     if distributed.is_main():
-      run.rewrite_metrics(start.history)
+      run.outputs.rewrite(start.history)  # As the checkpoint has them.
     if start.epoch >= config.num_epochs:
       say(f'Already finished: epoch {start.epoch}/{config.num_epochs} in {workdir}; nothing to '
           'do (raise --config.num_epochs to train on).')
@@ -92,6 +91,7 @@ class _Run:
     self.mesh = sharding.make_mesh()
     self.latest = checkpoints.latest_step()
     self.tx = steps_lib.make_optimizer(config)
+    self.outputs = outputs.for_plan(config, plan, workdir)
     replicated = sharding.replicated(self.mesh)
     if self.latest is None:  # A fresh state; else the shapes that a checkpoint fills.
       self.graphdef, fresh, _ = steps_lib.create(config, plan, config.init_from)
@@ -113,30 +113,6 @@ class _Run:
         f'({self.checkpoints.directory})')
     return Start(state, meta['epoch'], meta['history'], resume)
 
-  def rewrite_metrics(self, history: list[dict]) -> None:
-    """metrics.jsonl (summary.jsonl and each lane's with lanes) as the checkpoint has them."""
-    if self.plan.lanes > 1:
-      summary.rewrite(self.workdir, history, self.plan.lanes)
-    else:
-      jsonl.rewrite(self.workdir / jsonl.METRICS_FILE, history)
-
-  def metric_writer(self, start_step: int):
-    """TensorBoard: WORKDIR/tensorboard, or each lane's in WORKDIR/models/<lane>/."""
-    every = self.config.log_every_steps
-    if self.plan.lanes > 1:
-      return tensorboard.LaneWriters([summary.lane_dir(self.workdir, i)
-                                      for i in range(self.plan.lanes)], start_step, every)
-    return tensorboard.MetricWriter(self.workdir, start_step, every)
-
-  def epoch_row(self, epoch, sums, evaluation, seconds, train_seconds, num_samples) -> dict:
-    """The epoch's metrics.jsonl row; with lanes, the summary row holding each lane's."""
-    if self.plan.lanes > 1:
-      return summary.epoch_row(epoch, sums, evaluation, seconds, num_samples / train_seconds)
-    (loss, accuracy), (val_loss, val_accuracy) = sums.means(), evaluation.means()
-    return dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
-                val_accuracy=val_accuracy, seconds=seconds,
-                samples_per_second=num_samples / train_seconds)
-
   def meta(self, epoch: int, history: list[dict], **extra) -> dict:
     return dict(epoch=epoch, config=self.config.to_dict(), plan=self.plan.to_dict(),
                 history=history, **extra)
@@ -148,21 +124,18 @@ class _Run:
       train_split = tfds_source.load_split(config, config.train_split)
       eval_split = tfds_source.load_split(config, config.eval_split)
     if not history:
-      one = steps_lib.lane_state(state, 0) if self.plan.lanes > 1 else state
+      one = next(self.outputs.models(state, history))[0]
       say(model_lib.summary(config, nnx_model(self.graphdef, one)))
-      if self.plan.lanes > 1:
-        say(f'{self.plan.lanes} lanes of this model: '
-            + '; '.join(f'{lane.index}: {lane.label()}' for lane in lanes_lib.lanes(config)))
+      self.outputs.introduce()
     began = time.perf_counter()
     evaluate_step = compile_eval(self.graphdef, state, mesh, self.plan)
     engine = epochs.build(self.graphdef, self.tx, state, mesh, self.plan, config, train_split,
                           resume)
     steps = batches.steps_per_epoch(len(train_split), config.batch_size)
     num_samples = steps * config.batch_size
-    models = f'{self.plan.lanes} models, each ' if self.plan.lanes > 1 else ''
-    say(f'Compiled in {time.perf_counter() - began:.1f}s. Train {models}on {num_samples} '
-        f'samples, validate on {len(eval_split)} samples')
-    writer = self.metric_writer(int(state.step))
+    say(f'Compiled in {time.perf_counter() - began:.1f}s. Train {self.outputs.trained}on '
+        f'{num_samples} samples, validate on {len(eval_split)} samples')
+    writer = self.outputs.writer(int(state.step))
     stop_rule = interrupt.stop_rule(mesh, self.plan.processes)
     for epoch in range(start.epoch + 1, config.num_epochs + 1):
       if stop_rule.between_epochs():  # The last epoch's checkpoint is saved.
@@ -181,8 +154,8 @@ class _Run:
       train_seconds = time.perf_counter() - began
       evaluation = evaluate(evaluate_step, state.params, mesh, eval_split,
                             config.eval_batch_size, self.plan.eval_batch)
-      row = self.epoch_row(epoch, sums, evaluation, time.perf_counter() - began, train_seconds,
-                           num_samples)
+      row = self.outputs.row(epoch, sums, evaluation, time.perf_counter() - began,
+                             train_seconds, num_samples)
       history = self.record(state, history, row, writer, num_samples)
     writer.close()
     self.finish(state, eval_split, history)
@@ -197,33 +170,19 @@ class _Run:
     writer.write_epoch(int(state.step), row)  # Flushed before the checkpoint that keeps it.
     self.checkpoints.save(int(state.step), state, self.meta(row['epoch'], history),
                           row.get('val_accuracy_mean', row.get('val_accuracy')))
-    if self.plan.lanes > 1:
-      say(summary.epoch_line(row, self.config.num_epochs))
-      if distributed.is_main():
-        summary.append(self.workdir, row)
-    else:
-      say(console.epoch_line(row, self.config.num_epochs, num_samples))
-      if distributed.is_main():
-        jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
+    self.outputs.show(row, num_samples)
     return history
 
   def finish(self, state, eval_split, history) -> None:
     """The seed's keras_cnn.h5 and the report's plots (each lane's in its folder)."""
-    if self.plan.lanes == 1:
-      return self.finish_model(state, eval_split, history, self.workdir)
-    for lane in range(self.plan.lanes):
-      self.finish_model(steps_lib.lane_state(state, lane), eval_split,
-                        [row['lanes'][lane] for row in history],
-                        summary.lane_dir(self.workdir, lane))
-    say(summary.final_table(self.config, history))
-
-  def finish_model(self, state, eval_split, history, folder) -> None:
-    if distributed.is_main():
-      path = keras_export.export_h5(nnx_model(self.graphdef, state), self.config,
-                                    folder / keras_export.EXPORT_NAME)
-      say(f'Saved the Keras model to {path}')
-    report.write_report(self.graphdef, state.params, self.mesh, self.config, eval_split,
-                        history, folder)
+    for model_state, model_history, folder in self.outputs.models(state, history):
+      if distributed.is_main():
+        path = keras_export.export_h5(nnx_model(self.graphdef, model_state), self.config,
+                                      folder / keras_export.EXPORT_NAME)
+        say(f'Saved the Keras model to {path}')
+      report.write_report(self.graphdef, model_state.params, self.mesh, self.config,
+                          eval_split, model_history, folder)
+    self.outputs.close(history)
 
   def check_finite(self, row: dict) -> None:
     lanes = row.get('lanes', [row])

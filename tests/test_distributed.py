@@ -184,3 +184,32 @@ def test_process_id_must_be_below_process_count():
     schema.validate(base_config(num_processes=2, process_id=2))
   with pytest.raises(ConfigError, match='config.coordinator_address'):
     schema.validate(base_config(coordinator_address='no-port'))
+
+
+def test_two_processes_train_lanes_like_one_process_with_two_devices(prepared_data_dir,
+                                                                    tmp_path):
+  """Lanes (config.num_models) over two processes: each lane's metrics as one process with two
+  devices gives them, and every lane's files written once, by process 0."""
+  lanes = ('--config.num_models=2', '--config.num_epochs=1')
+  one = _finish([_start(tmp_path / 'one', prepared_data_dir, 2, *lanes)])[0]
+  address = f'127.0.0.1:{_free_port()}'
+  outputs = _finish([_start(tmp_path / 'two', prepared_data_dir, 1, *lanes,
+                            f'--config.coordinator_address={address}',
+                            '--config.num_processes=2', f'--config.process_id={i}')
+                     for i in (0, 1)])
+  assert 'Ensemble of 2' in one and 'Ensemble of 2' in outputs[0]
+  assert [line for line in outputs[1].splitlines() if not line.startswith('[Gloo]')] == []
+  rows = {name: [json.loads(line) for line in (tmp_path / name / 'summary.jsonl').open()]
+          for name in ('one', 'two')}
+  assert len(rows['two']) == 1 and rows['two'][0]['models'] == 2
+  keys = ('loss_mean', 'val_loss_mean', 'val_accuracy_mean', 'ensemble_val_accuracy')
+  np.testing.assert_allclose([rows['two'][0][k] for k in keys],
+                             [rows['one'][0][k] for k in keys], rtol=1e-5, atol=1e-6)
+  for lane in (0, 1):
+    folder = tmp_path / 'two' / 'models' / str(lane)
+    single, multi = (json.loads((tmp_path / name / 'models' / str(lane) / 'metrics.jsonl')
+                                .read_text()) for name in ('one', 'two'))
+    for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
+      np.testing.assert_allclose(multi[key], single[key], rtol=1e-5, atol=1e-6)
+    assert (folder / 'keras_cnn.h5').is_file()
+  assert rows['two'][0]['loss_std'] > 0  # The lanes are different models (seeds 42, 43).
