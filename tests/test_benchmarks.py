@@ -86,3 +86,15 @@ def test_seeds_table_summarises_the_lanes_of_a_workdir(tmp_path):
   assert seeds_table.table_row(workdir) == (
       '| base-3 | 3 | 2 | 0.9920 +- 0.0020 (0.9900-0.9940) | 0.9950 +- 0.0000 | 0.9930 | 0.9960 '
       '| 2 min |')
+
+
+def test_profile_step_names_each_op_by_shape_and_jax_operation():
+  import jax
+  import jax.numpy as jnp
+  import profile_step
+  compiled = jax.jit(lambda a, b: jnp.tanh(a @ b) + 1).lower(
+      jnp.ones((8, 4)), jnp.ones((4, 3))).compile()
+  shapes = profile_step._op_shapes(compiled.as_text())
+  assert shapes and all(v.startswith(('f32[', '(')) for v in shapes.values())
+  assert any(v.startswith('f32[8,3]') and v.endswith(('dot_general', 'tanh', 'add'))
+             for v in shapes.values()), shapes
