@@ -2,6 +2,7 @@
 
   python benchmarks/profile_step.py                    # base (k=3), batch 500
   python benchmarks/profile_step.py --kernel 5 --top 30 --steps 10
+  python benchmarks/profile_step.py --eval             # the eval step, a batch of 1000
 
 Builds flax_mnist's train step as benchmarks/throughput.py does (the run plan of this machine,
 the same batch of real digits), warms it up, traces `--steps` steps with jax.profiler and lists
@@ -41,33 +42,55 @@ def _op_shapes(hlo_text: str) -> dict[str, str]:
   return shapes
 
 
-def profile(kernel: int, steps: int, overrides: str) -> tuple[float, dict, dict, str]:
-  """(samples/s untraced, op -> total microseconds, op -> calls, compiled HLO text)."""
+def _step_and_args(config, plan, evaluation: bool):
+  """(a function of its args that returns what to wait on, args): one train step (threading
+  the state through) or one eval step over a padded eval batch."""
   import jax
-  from flax_mnist import plan as plan_lib, sharding, steps as steps_lib
+  import numpy as np
+  from flax_mnist import sharding, steps as steps_lib
+  graphdef, state, tx = steps_lib.create(config, plan)
+  mesh = sharding.make_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  size = plan.eval_batch if evaluation else config.batch_size
+  images, labels = throughput.benchmark_batch(size)
+  if evaluation:
+    evaluate = steps_lib.jit_eval_step(graphdef, mesh, plan)
+    batch = sharding.put_batch(mesh, images, labels, np.ones(size, np.float32))
+    return evaluate, (state.params, *batch)
+  train = steps_lib.jit_train_step(graphdef, tx, mesh, plan, config)
+  holder = [state]
+
+  def step(*batch):
+    holder[0], metrics = train(holder[0], *batch)
+    return metrics
+  step.lower = lambda *batch: train.lower(holder[0], *batch)
+  return step, sharding.put_batch(mesh, images, labels)
+
+
+def profile(kernel: int, steps: int, overrides: str, evaluation: bool = False
+            ) -> tuple[float, dict, dict, str]:
+  """(examples/s untraced, op -> total microseconds, op -> calls, compiled HLO text)."""
+  import jax
+  from flax_mnist import plan as plan_lib
   config = throughput.with_overrides(throughput.load_config(throughput.CONFIGS[kernel]),
                                      overrides)
   plan = plan_lib.decide(config)
   print(plan.line())
-  graphdef, state, tx = steps_lib.create(config, plan)
-  mesh = sharding.make_mesh()
-  state = jax.device_put(state, sharding.replicated(mesh))
-  train = steps_lib.jit_train_step(graphdef, tx, mesh, plan, config)
-  batch = sharding.put_batch(mesh, *throughput.benchmark_batch(config.batch_size))
-  hlo = train.lower(state, *batch).compile().as_text()
-  for _ in range(3):  # Warm-up.
-    state, metrics = train(state, *batch)
-  jax.block_until_ready(metrics)
+  step, args = _step_and_args(config, plan, evaluation)
+  hlo = step.lower(*args).compile().as_text()
+  size = plan.eval_batch if evaluation else config.batch_size
+
+  def run(times):
+    for _ in range(times):
+      out = step(*args)
+    jax.block_until_ready(out)
+  run(3)  # Warm-up.
   began = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = train(state, *batch)
-  jax.block_until_ready(metrics)
-  rate = steps * config.batch_size / (time.perf_counter() - began)
+  run(steps)
+  rate = steps * size / (time.perf_counter() - began)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    for _ in range(steps):
-      state, metrics = train(state, *batch)
-    jax.block_until_ready(metrics)
+    run(steps)
     jax.profiler.stop_trace()
     path = glob.glob(f'{trace_dir}/**/*perfetto_trace.json.gz', recursive=True)[0]
     events = json.load(gzip.open(path))
@@ -86,11 +109,12 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='steps traced (and timed before)')
   parser.add_argument('--top', type=int, default=25, help='ops listed')
   parser.add_argument('--overrides', default='', help="config fields, 'FIELD=VALUE,...'")
+  parser.add_argument('--eval', action='store_true', help='the eval step (a padded eval batch)')
   args = parser.parse_args()
-  rate, totals, calls, hlo = profile(args.kernel, args.steps, args.overrides)
+  rate, totals, calls, hlo = profile(args.kernel, args.steps, args.overrides, args.eval)
   shapes = _op_shapes(hlo)
   total = sum(totals.values()) / args.steps / 1000
-  print(f'{rate:.0f} samples/s untraced; ops sum to {total:.1f} ms per step')
+  print(f'{rate:.0f} examples/s untraced; ops sum to {total:.1f} ms per step')
   print(f'{"ms/step":>8} {"share":>6} {"calls":>6}  op  (output shape, JAX operation)')
   for name, micros in totals.most_common(args.top):
     ms = micros / args.steps / 1000

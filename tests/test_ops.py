@@ -45,6 +45,20 @@ def test_max_pool_equals_reduce_window():
                                 nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
 
 
+def test_max_pool_keeps_nan_and_infinities_eager_and_compiled():
+  """A diverged run must show NaN: a window holding one pools to NaN, on every path."""
+  x = np.array(jax.random.normal(jax.random.key(0), (2, 8, 8, 16)))
+  x[0, 0, 1, 3] = x[1, 5, 4, 0] = np.nan
+  x[0, 2, 2, 2], x[1, 0, 0, 0] = np.inf, -np.inf
+  expected = x.reshape(2, 4, 2, 4, 2, 16).max(axis=(2, 4))  # numpy's max propagates NaN.
+  assert np.isnan(expected).sum() == 2
+  for fn in (pool.max_pool_2x2, jax.jit(pool.max_pool_2x2)):
+    np.testing.assert_array_equal(fn(x), expected)
+  relu_expected = np.where(np.isnan(expected) | (expected > 0), expected, 0)
+  for fn in (pool.relu_max_pool_2x2, pool.relu_then_max_pool_2x2):
+    np.testing.assert_array_equal(jax.jit(fn)(x), relu_expected)
+
+
 def _first_max_gradient(x, dy):
   """numpy reference of TensorFlow's max-pool gradient after a ReLU: each window's gradient
   goes to its first maximum, if that maximum is positive."""
