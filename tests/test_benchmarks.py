@@ -98,3 +98,18 @@ def test_profile_step_names_each_op_by_shape_and_jax_operation():
   assert shapes and all(v.startswith(('f32[', '(')) for v in shapes.values())
   assert any(v.startswith('f32[8,3]') and v.endswith(('dot_general', 'tanh', 'add'))
              for v in shapes.values()), shapes
+
+
+def test_ab_step_pairs_each_variant_with_the_first():
+  import argparse
+  import ab_step
+  assert ab_step.parse_variant('mb10=micro_batch_size=10,eval_batch_size=20') == (
+      'mb10', 'micro_batch_size=10,eval_batch_size=20')
+  assert ab_step.parse_variant('base=') == ('base', '')
+  with pytest.raises(argparse.ArgumentTypeError):
+    ab_step.parse_variant('=micro_batch_size=10')
+  lines = ab_step.compare([('a', 'eval_batch_size=20'),
+                           ('b', 'eval_batch_size=20,micro_batch_size=10')],
+                          kernel=3, evaluation=True, rounds=2, steps=1)
+  assert [line.split()[0] for line in lines] == ['a', 'b']
+  assert lines[0].endswith('paired ratio to a: 1.000')
