@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]
 
+import profile_step  # noqa: E402
 import throughput  # noqa: E402  (sets the import path for flax_mnist)
 
 
@@ -34,25 +35,9 @@ def parse_variant(text: str) -> tuple[str, str]:
 
 def make_run(config, evaluation: bool):
   """run(steps) of one variant, blocking until its steps are done."""
-  import jax
-  import numpy as np
-  from flax_mnist import plan as plan_lib, sharding, steps as steps_lib
-  import peers
-  if not evaluation:
-    return peers.make_flax_mnist(config, *throughput.benchmark_batch(config.batch_size))
-  plan = plan_lib.decide(config)
-  graphdef, state, _ = steps_lib.create(config, plan)
-  mesh = sharding.make_mesh()
-  params = jax.device_put(state.params, sharding.replicated(mesh))
-  evaluate = steps_lib.jit_eval_step(graphdef, mesh, plan)
-  batch = sharding.put_batch(mesh, *throughput.benchmark_batch(plan.eval_batch),
-                             np.ones(plan.eval_batch, np.float32))
-
-  def run(steps):
-    for _ in range(steps):
-      sums = evaluate(params, *batch)
-    jax.block_until_ready(sums)
-  return run
+  from flax_mnist import plan as plan_lib
+  return profile_step.runner(*profile_step.step_and_args(config, plan_lib.decide(config),
+                                                          evaluation))
 
 
 def compare(variants, kernel: int, evaluation: bool, rounds: int, steps: int) -> list[str]:

@@ -42,7 +42,7 @@ def _op_shapes(hlo_text: str) -> dict[str, str]:
   return shapes
 
 
-def _step_and_args(config, plan, evaluation: bool):
+def step_and_args(config, plan, evaluation: bool):
   """(a function of its args that returns what to wait on, args): one train step (threading
   the state through) or one eval step over a padded eval batch."""
   import jax
@@ -67,6 +67,17 @@ def _step_and_args(config, plan, evaluation: bool):
   return step, sharding.put_batch(mesh, images, labels)
 
 
+def runner(step, args):
+  """run(times): `times` steps, blocking until they are done."""
+  import jax
+
+  def run(times):
+    for _ in range(times):
+      out = step(*args)
+    jax.block_until_ready(out)
+  return run
+
+
 def profile(kernel: int, steps: int, overrides: str, evaluation: bool = False
             ) -> tuple[float, dict, dict, str]:
   """(examples/s untraced, op -> total microseconds, op -> calls, compiled HLO text)."""
@@ -76,14 +87,10 @@ def profile(kernel: int, steps: int, overrides: str, evaluation: bool = False
                                      overrides)
   plan = plan_lib.decide(config)
   print(plan.line())
-  step, args = _step_and_args(config, plan, evaluation)
+  step, args = step_and_args(config, plan, evaluation)
   hlo = step.lower(*args).compile().as_text()
   size = plan.eval_batch if evaluation else config.batch_size
-
-  def run(times):
-    for _ in range(times):
-      out = step(*args)
-    jax.block_until_ready(out)
+  run = runner(step, args)
   run(3)  # Warm-up.
   began = time.perf_counter()
   run(steps)
