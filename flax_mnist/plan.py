@@ -11,8 +11,9 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
 - micro-batches (CPU only): gradients summed over micro-batches whose activations stay in the
   cache: 50 examples per device with a Winograd conv2; with im2col, as many as keep conv2's
   patches within a byte budget. Elsewhere the whole batch.
-- pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient; bfloat16 the same
-  values differentiated by JAX (faster there on GPU).
+- pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
+  whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
+  bfloat16 the same values differentiated by JAX (faster there on GPU).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
@@ -42,7 +43,7 @@ class Plan:
   processes: int
   conv1: str  # Implementation of each convolution (flax_mnist/ops/conv.py).
   conv2: str
-  pool: str  # 'fused' (written gradient) or 'autodiff'.
+  pool: str  # 'fused' (written gradient), 'fused_cpu' (the same, for CPU) or 'autodiff'.
   train_batch: int  # Global rows per train step: config.batch_size padded for the devices.
   train_padding: int  # Masked rows among them (0 when the devices divide the batch).
   eval_batch: int  # Global rows per eval step, likewise padded.
@@ -135,11 +136,18 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   lanes = lanes_lib.count(config)
   per_pass = config.lanes_per_pass or (1 if backend == 'cpu' else lanes)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
-              pool='fused' if config.dtype == 'float32' else 'autodiff', train_batch=train,
+              pool=pool_variant(config, backend), train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               micro_batch=micro, train_micro_batches=max(train // micro, 1),
               eval_micro_batches=max(evaluation // micro, 1), device_data=device_data,
               lanes=lanes, lanes_per_pass=min(per_pass, lanes))
+
+
+def pool_variant(config, backend: str) -> str:
+  """The ReLU + max-pool (flax_mnist/ops/pool.py VARIANTS) for the dtype and backend."""
+  if config.dtype != 'float32':
+    return 'autodiff'
+  return 'fused_cpu' if backend == 'cpu' else 'fused'
 
 
 def decide(config) -> Plan:

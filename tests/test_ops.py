@@ -76,12 +76,26 @@ def test_relu_max_pool_equals_relu_then_pool_with_first_max_gradient():
   x = np.asarray(jax.random.normal(jax.random.key(0), (3, 8, 6, 5)))
   x = np.round(x * 2) / 2  # Many ties, and whole windows of zeros after the ReLU.
   dy = np.asarray(jax.random.normal(jax.random.key(1), (3, 4, 3, 5)))
-  np.testing.assert_array_equal(pool.relu_max_pool_2x2(x), pool.max_pool_2x2(jax.nn.relu(x)))
+  for variant in (pool.relu_max_pool_2x2, pool.relu_max_pool_2x2_cpu):
+    np.testing.assert_array_equal(variant(x), pool.max_pool_2x2(jax.nn.relu(x)))
 
-  def gradient(x, dy):
-    return jax.vjp(pool.relu_max_pool_2x2, x)[1](dy)[0]
-  for fn in (gradient, jax.jit(gradient)):  # Eager and compiled.
-    np.testing.assert_array_equal(fn(x, dy), _first_max_gradient(x, dy))
+    def gradient(x, dy):
+      return jax.vjp(variant, x)[1](dy)[0]
+    for fn in (gradient, jax.jit(gradient)):  # Eager and compiled.
+      np.testing.assert_array_equal(fn(x, dy), _first_max_gradient(x, dy))
+
+
+def test_cpu_pool_gradient_stores_its_pooled_size_work():
+  """The CPU variant's speed rests on XLA keeping a conditional it cannot fuse through
+  (pool.computed_once); if a new XLA removed it, this says so (the values stay right)."""
+  x, dy = jnp.ones((2, 8, 8, 4)), jnp.ones((2, 4, 4, 4))
+  hlo = jax.jit(lambda x, dy: jax.vjp(pool.relu_max_pool_2x2_cpu, x)[1](dy)[0]).lower(
+      x, dy).compile().as_text()
+  assert 'conditional(' in hlo
+  nan = jnp.full((3,), jnp.nan)  # The predicate is false for NaN: the other branch, same fn.
+  np.testing.assert_array_equal(pool.computed_once(lambda a: a * 2, nan), nan)
+  np.testing.assert_array_equal(pool.computed_once(lambda a: a * 2, jnp.arange(3.0)),
+                                [0.0, 2.0, 4.0])
 
 
 def test_autodiff_pool_has_the_same_values_and_tie_free_gradient():
@@ -95,8 +109,9 @@ def test_autodiff_pool_has_the_same_values_and_tie_free_gradient():
                                 _first_max_gradient(np.asarray(x), np.asarray(dy)))
 
 
-def test_pool_variants_are_the_plans_two_names():
+def test_pool_variants_are_the_plans_three_names():
   assert pool.VARIANTS == {'fused': pool.relu_max_pool_2x2,
+                           'fused_cpu': pool.relu_max_pool_2x2_cpu,
                            'autodiff': pool.relu_then_max_pool_2x2}
 
 

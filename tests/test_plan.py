@@ -68,7 +68,8 @@ def test_micro_batch_counts_divide_both_batches():
 
 
 def test_pool_variant_follows_dtype():
-  assert plan_lib.make(base_config(), 'cpu', 1).pool == 'fused'
+  assert plan_lib.make(base_config(), 'cpu', 1).pool == 'fused_cpu'
+  assert plan_lib.make(base_config(), 'gpu', 1).pool == 'fused'  # No conditional on GPU.
   assert plan_lib.make(base_config(dtype='bfloat16'), 'gpu', 1).pool == 'autodiff'
 
 
@@ -122,7 +123,7 @@ def test_winograd_needs_a_kernel_size_it_has_a_transform_for(backend):
 def test_line_names_every_decision():
   line = plan_lib.make(base_config(), 'cpu', 1).line()
   assert line.startswith('Plan: cpu x1 - ')
-  for part in ('conv1 im2col_vjp', 'conv2 winograd', 'pool fused', 'micro-batch 50',
+  for part in ('conv1 im2col_vjp', 'conv2 winograd', 'pool fused_cpu', 'micro-batch 50',
                '10 per train batch', '20 per eval batch', 'host-fed'):
     assert part in line, (part, line)
   line = plan_lib.make(base_config(), 'gpu', 4, 2).line()
