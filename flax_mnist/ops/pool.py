@@ -1,8 +1,8 @@
 """Keras' ReLU then MaxPool2D(2), as one op with TensorFlow's gradient, and as plain JAX.
 
 Written by hand (not nnx.max_pool) for the CPU: reduce_window's gradient is a select-and-scatter
-that cost a third of a CPU train step, and XLA's CPU max may drop a NaN that a diverged run must
-show. Which of the three variants runs is the plan's choice (flax_mnist/plan.py).
+that cost a third of a CPU train step, and a max reduction on CPU may drop a NaN that a diverged
+run must show. Which of the three variants runs is the plan's choice (flax_mnist/plan.py).
 """
 
 import jax
@@ -39,7 +39,7 @@ def _first_max_position(x: jax.Array, pooled: jax.Array) -> jax.Array:
 
 
 def _relu_keeping_nan(x: jax.Array) -> jax.Array:
-  # Not jnp.maximum(x, 0): XLA's CPU max may return 0 for NaN.
+  # A select, not jnp.maximum(x, 0): NaN stays NaN whatever a backend's max does with it.
   return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
@@ -63,8 +63,9 @@ def _relu_max_pool_fwd(x):
 def _relu_max_pool_bwd(residuals, dy):
   position, x_dtype = residuals
   n, h, w, c = position.shape
-  slots = lax.broadcasted_iota(position.dtype, (1, 1, 2, 1, 2, 1), 2) * 2 + lax.broadcasted_iota(
-      position.dtype, (1, 1, 2, 1, 2, 1), 4)
+  shape = (1, 1, 2, 1, 2, 1)  # Window slot (row, column) -> row-major index 0..3.
+  slots = (lax.broadcasted_iota(position.dtype, shape, 2) * 2
+           + lax.broadcasted_iota(position.dtype, shape, 4))
   dx = jnp.where(position[:, :, None, :, None] == slots, dy[:, :, None, :, None], 0)
   return (dx.reshape(n, 2 * h, 2 * w, c).astype(x_dtype.dtype),)
 
