@@ -97,7 +97,8 @@ def computed_once(fn, *args):
 @jax.custom_vjp
 def relu_max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
   """relu_max_pool_2x2 with its backward pass's pooled-size work done once (computed_once):
-  the same values and gradient, a CPU train step ~6-8% faster (benchmarks/RESULTS.md)."""
+  the same values and gradient; the base config's CPU train step about 8% faster
+  (benchmarks/RESULTS.md)."""
   return relu_max_pool_2x2(x)
 
 
