@@ -15,6 +15,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def make_flax_mnist(config, images, labels):
+  from flax_mnist import host_memory
+  host_memory.keep_freed_memory()  # As the command line does.
   import jax
   from flax_mnist import plan as plan_lib, sharding, steps
   plan = plan_lib.decide(config)  # As a training run plans on this machine.

@@ -45,6 +45,8 @@ def _op_shapes(hlo_text: str) -> dict[str, str]:
 def step_and_args(config, plan, evaluation: bool):
   """(a function of its args that returns what to wait on, args): one train step (threading
   the state through) or one eval step over a padded eval batch."""
+  from flax_mnist import host_memory
+  host_memory.keep_freed_memory()  # As the command line does.
   import jax
   import numpy as np
   from flax_mnist import sharding, steps as steps_lib

@@ -2,8 +2,9 @@
 
 Flags and config are parsed with absl and ml_collections alone: --help, --mode=config and
 config errors answer before JAX is imported. Then, in order: the config is validated against
-the schema, jax.distributed starts (multi-process runs), the run plan is decided and printed
-once, the inputs are checked, and the mode runs.
+the schema, malloc is told to keep freed memory (flax_mnist/host_memory.py), jax.distributed
+starts (multi-process runs), the run plan is decided and printed once, the inputs are checked,
+and the mode runs.
 """
 
 import os
@@ -15,7 +16,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before anything imports Te
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_mnist import schema
+from flax_mnist import host_memory, schema
 from flax_mnist.errors import FlaxMnistError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -128,6 +129,7 @@ def main(argv) -> None:
     if _MODE.value == 'config':
       print(schema.describe(config))
       return
+    host_memory.keep_freed_memory()  # Before JAX allocates anything.
     from flax_mnist import distributed, plan  # After flag parsing: imports JAX.
     from flax_mnist.reporting.console import say
     distributed.initialize(config)  # Before any other JAX call.
