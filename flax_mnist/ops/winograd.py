@@ -178,11 +178,9 @@ def _conv_bwd(precision, residuals, dy):
   dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, tiles_h * TILE - out_h),
                                         (0, tiles_w * TILE - out_w), (0, 0)))
   dm = _output_tiles_transpose(dy, at)
-  # V^T laid out as such (the barrier keeps XLA from folding the transpose back into the
-  # matmul): a plain matmul that XLA's CPU runtime spreads over the cores, where a
-  # transposed-operand one runs on one core.
-  v_t = lax.optimization_barrier(jnp.swapaxes(v, 1, 2))
-  du = lax.dot_general(v_t, dm, (((2,), (1,)), ((0,), (0,))), precision=precision)
+  # dU = V^T dM contracts V's tile axis where it lies: no V^T copy (which had cost a full pass
+  # over V; benchmarks/RESULTS.md).
+  du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)
   dv = lax.dot_general(dm, u_t, (((2,), (1,)), ((0,), (0,))), precision=precision)
   dx = _input_tiles_transpose(dv, bt, n, tiles_h, tiles_w)
   dx = dx[:, :out_h + r - 1, :out_w + r - 1]
