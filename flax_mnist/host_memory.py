@@ -3,11 +3,10 @@
 XLA's CPU runtime takes each execution's temporary buffers from malloc and frees them when the
 execution ends. glibc gives a freed block above its mmap threshold (adaptive, at most 32 MiB)
 straight back to the operating system, and trims the heap's top above its trim threshold, so
-every step maps tens of megabytes afresh and the kernel zero-fills them page by page (a base
-train step on CPU page-faults ~11,500 times, ~45 MB). Raising both thresholds keeps freed
-blocks in the process for the next step: no faults, less system time, a faster step (measured
-in benchmarks/RESULTS.md). The process's resident memory stays near the peak of one step, which
-each step reaches anyway.
+every train step maps tens of megabytes afresh and the kernel zero-fills them page by page.
+Raising both thresholds keeps freed blocks in the process for the next step: no faults, less
+system time, a faster step (benchmarks/RESULTS.md has the counts and times). The process's
+resident memory stays near the peak of one step, which each step reaches anyway.
 
 A tuning of glibc's malloc through its documented `mallopt`, not an allocator of our own: where
 the C library is another (macOS, musl), nothing changes. Imports nothing heavy (the command
