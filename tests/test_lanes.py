@@ -257,7 +257,10 @@ def test_lanes_on_two_devices_with_a_padded_batch_train_like_one_device(prepared
   for one, two in zip(one_device, two_devices):
     for lane_one, lane_two in zip(one['lanes'], two['lanes']):
       for key in summary.STAT_KEYS:
-        assert lane_two[key] == pytest.approx(lane_one[key], rel=1e-4, abs=1e-5), key
+        # Two devices sum in another order: a borderline image may change its argmax, so an
+        # accuracy may differ by one example (of >= 600); losses agree to 1e-4.
+        close = dict(abs=1.01 / 600) if 'accuracy' in key else dict(rel=1e-4, abs=1e-5)
+        assert lane_two[key] == pytest.approx(lane_one[key], **close), key
 
 
 def test_lane_state_is_the_lanes_own(two_tiny_lanes):
