@@ -1,4 +1,5 @@
-"""Keep the memory XLA's CPU runtime frees, so that the next step reuses it.
+"""How the process manages its memory: malloc keeps what XLA frees (keep_freed_memory), and
+Python's cycle collector sits out start-up (pause_collector, resume_collector).
 
 XLA's CPU runtime takes each execution's temporary buffers from malloc and frees them when the
 execution ends. glibc gives a freed block above its mmap threshold (adaptive, at most 32 MiB)
@@ -11,9 +12,16 @@ process's resident memory stays near the peak of one step, which each step reach
 A tuning of glibc's malloc through its documented `mallopt`, not an allocator of our own: where
 the C library is another (macOS, musl), nothing changes. Imports nothing heavy (the command
 line calls it before JAX allocates anything).
+
+Start-up (importing JAX, flax and orbax, then tracing a step) creates hundreds of thousands of
+objects that live as long as the process; each of the cycle collector's full passes walks them
+all again, and finds no garbage in them. The collector is off until the imports are done, then
+freezes what they made (gc.freeze: later passes skip it) and runs as usual, so tracing's
+passes see only new objects (benchmarks/RESULTS.md has the seconds saved).
 """
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -40,3 +48,14 @@ def keep_freed_memory() -> int:
   except (OSError, AttributeError):  # No such library or function: leave malloc as it is.
     pass
   return 0
+
+
+def pause_collector() -> None:
+  """Turns Python's cycle collector off for the imports (resume_collector turns it back on)."""
+  gc.disable()
+
+
+def resume_collector() -> None:
+  """Moves every object alive now out of the collector's view for good, and turns it on."""
+  gc.freeze()
+  gc.enable()

@@ -2,9 +2,9 @@
 
 Flags and config are parsed with absl and ml_collections alone: --help, --mode=config and
 config errors answer before JAX is imported. Then, in order: the config is validated against
-the schema, malloc is told to keep freed memory (flax_mnist/host_memory.py), jax.distributed
-starts (multi-process runs), the run plan is decided and printed once, the inputs are checked,
-and the mode runs.
+the schema, malloc is told to keep freed memory and the cycle collector to wait for the imports
+(flax_mnist/host_memory.py), jax.distributed starts (multi-process runs), the run plan is
+decided and printed once, the inputs are checked, and the mode runs.
 """
 
 import os
@@ -101,6 +101,7 @@ def run_mode(config, plan, workdir: str) -> int:
   """Runs --mode with the decided plan; returns the process exit code."""
   from flax_mnist import loop, modes
   from flax_mnist.data import checks
+  host_memory.resume_collector()  # The imports are done.
   lane = _LANE.value
   modes.check_lane(plan, _MODE.value, lane, _OUTPUT.value)
   checks.check(config, plan, _MODE.value, workdir)  # Before anything is written.
@@ -130,6 +131,7 @@ def main(argv) -> None:
       print(schema.describe(config))
       return
     host_memory.keep_freed_memory()  # Before JAX allocates anything.
+    host_memory.pause_collector()  # Until run_mode's imports are done.
     from flax_mnist import distributed, plan  # After flag parsing: imports JAX.
     from flax_mnist.reporting.console import say
     distributed.initialize(config)  # Before any other JAX call.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_mnist import geometry
-from flax_mnist.ops import conv, dropout, pool
+from flax_mnist.ops import conv, dropout, pool, winograd
 
 _KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras' default for Conv2D and Dense.
 _BIAS_INIT = nnx.initializers.zeros_init()
@@ -31,6 +31,7 @@ class CNN(nnx.Module):
     self.conv2 = nnx.Conv(config.conv1_features, config.conv2_features, k, padding='VALID',
                           conv_general_dilated=conv.FUNCTIONS[plan.conv2], **common)
     self.relu_pool = pool.VARIANTS[plan.pool]
+    self.pool_in_tiles = plan.pool_in_tiles
     self.conv_dropout = config.conv_dropout
     pooled = geometry.conv_sides(config.kernel_size)[2]
     self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,
@@ -48,7 +49,10 @@ class CNN(nnx.Module):
     conv_rate, dense_rate = dropout_rates or (self.conv_dropout, self.dense_dropout)
     x = x.reshape((x.shape[0], *geometry.IMAGE_SHAPE))
     x = nnx.relu(self.conv1(x))
-    x = self.relu_pool(self.conv2(x))
+    if self.pool_in_tiles and not train:  # Forward only: no written gradient.
+      x = winograd.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...])
+    else:
+      x = self.relu_pool(self.conv2(x))
     if train:
       x = dropout.dropout(x, conv_rate, dropout_keys, layer=0)
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.

@@ -33,6 +33,9 @@ from flax_mnist.ops.winograd import KERNEL_SIZES as WINOGRAD_KERNEL_SIZES
 # Bytes of conv2 im2col patches per micro-batch and device on CPU, per implementation.
 _CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
 _CPU_WINOGRAD_EXAMPLES = 50  # Winograd conv2: examples per micro-batch and device on CPU.
+# Kernel sizes whose inference pools in Winograd's tiles: 5x5's 8x8 tiles make the one-pass
+# sums (676 terms per tile and channel) slower than two passes (benchmarks/RESULTS.md).
+_POOL_IN_TILES_KERNEL_SIZES = (3,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,9 @@ class Plan:
   conv1: str  # Implementation of each convolution (flax_mnist/ops/conv.py).
   conv2: str
   pool: str  # 'fused' (written gradient), 'fused_cpu' (the same, for CPU) or 'autodiff'.
+  # Inference (eval, predict) takes conv2's bias, ReLU and pool in its Winograd tiles
+  # (flax_mnist/ops/winograd.py conv_relu_max_pool) instead of after its output.
+  pool_in_tiles: bool
   train_batch: int  # Global rows per train step: config.batch_size padded for the devices.
   train_padding: int  # Masked rows among them (0 when the devices divide the batch).
   eval_batch: int  # Global rows per eval step, likewise padded.
@@ -62,8 +68,9 @@ class Plan:
                if self.train_padding else '')
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
+    tiles = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
-            f'{self.conv2}, pool {self.pool}, micro-batch {self.micro_batch} '
+            f'{self.conv2}, pool {self.pool}{tiles}, micro-batch {self.micro_batch} '
             f'({self.train_micro_batches} per train batch, {self.eval_micro_batches} per eval '
             f'batch), {feed}{padding}{lanes}')
 
@@ -135,8 +142,11 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
                        padded_size(config.eval_batch_size, devices))
   lanes = lanes_lib.count(config)
   per_pass = config.lanes_per_pass or (1 if backend == 'cpu' else lanes)
+  pool = pool_variant(config, backend)
+  pool_in_tiles = (conv2 == 'winograd' and pool == 'fused_cpu'
+                   and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
-              pool=pool_variant(config, backend), train_batch=train,
+              pool=pool, pool_in_tiles=pool_in_tiles, train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               micro_batch=micro, train_micro_batches=max(train // micro, 1),
               eval_micro_batches=max(evaluation // micro, 1), device_data=device_data,

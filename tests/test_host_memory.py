@@ -1,4 +1,5 @@
-"""host_memory: a freed large block is reused without page faults, in a process of its own."""
+"""host_memory: a freed large block is reused without page faults, in a process of its own; the
+cycle collector is off during the imports and skips what they made afterwards."""
 
 import os
 import pathlib
@@ -65,3 +66,18 @@ def test_the_users_own_malloc_settings_are_left_alone():
   kept, faults = _probe('keep', MALLOC_TRIM_THRESHOLD_='131072')
   assert kept == '0'
   assert faults > pages // 2, faults
+
+
+def test_the_collector_pauses_for_the_imports_then_skips_what_they_made():
+  probe = textwrap.dedent('''
+      import gc
+      from flax_mnist import host_memory
+      host_memory.pause_collector()
+      paused = gc.isenabled()
+      made = [[i] for i in range(10_000)]  # Long-lived objects, as imports make.
+      host_memory.resume_collector()
+      print(paused, gc.isenabled(), gc.get_freeze_count() >= len(made))
+  ''')
+  result = subprocess.run([sys.executable, '-c', probe], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+  assert result.stdout.split() == ['False', 'True', 'True']

@@ -82,6 +82,16 @@ def test_bfloat16_model_pools_with_autodiff():
   assert float32_model.relu_pool is pool.relu_max_pool_2x2_cpu  # The CPU plan's.
 
 
+def test_inference_pooling_in_tiles_gives_the_training_forward():
+  """The plan's inference path (conv2, ReLU and pool in Winograd tiles) computes what the
+  training path does, dropout aside."""
+  config, model = _model(conv_dropout=0.0, dense_dropout=0.0)
+  assert model.pool_in_tiles
+  x = jax.random.uniform(jax.random.key(1), (4, 784))
+  keys = jax.random.split(jax.random.key(2), 4)
+  np.testing.assert_allclose(model(x), model(x, train=True, dropout_keys=keys), atol=1e-5)
+
+
 def test_conv_impls_give_the_same_model():
   x = jax.random.uniform(jax.random.key(1), (3, 784))
   _, xla = _model(conv_impl='xla')

@@ -66,6 +66,36 @@ def test_matches_lax_conv_in_a_model_sized_layer():
   assert np.abs(_conv(x, w) - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def _pooled_reference(x, w, b):
+  """relu(2x2 max pool(conv(x, w) + b)) in float64, Keras' floor for odd sides."""
+  r = w.shape[0]
+  out_shape = (x.shape[0], x.shape[1] - r + 1, x.shape[2] - r + 1, w.shape[-1])
+  y = _reference(x, w, np.zeros(out_shape))[0] + np.asarray(b, np.float64)
+  n, h, width, c = y.shape
+  y = y[:, :h // 2 * 2, :width // 2 * 2].reshape(n, h // 2, 2, width // 2, 2, c)
+  return np.maximum(y.max((2, 4)), 0)
+
+
+@pytest.mark.parametrize('r, shape, cout', [(3, (5, 26, 26, 32), 64), (3, (3, 27, 29, 4), 6),
+                                            (5, (3, 24, 24, 32), 64), (5, (2, 13, 11, 3), 5)])
+def test_conv_relu_max_pool_within_1e5_of_scale_of_float64(r, shape, cout):
+  """The pool taken in the tiles, odd output sides (cropped as Keras floors them) included."""
+  x = jax.random.uniform(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (r, r, shape[-1], cout)) * 0.1
+  b = jax.random.normal(jax.random.key(2), (cout,)) * 0.1
+  got = jax.jit(winograd.conv_relu_max_pool)(x, w, b)
+  want = _pooled_reference(x, w, b)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  assert np.abs(np.asarray(got, np.float64) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_conv_relu_max_pool_keeps_nan():
+  """A NaN input reaches the pooled outputs whose window it feeds (a diverged run shows)."""
+  x = jnp.ones((1, 10, 10, 2)).at[0, 0, 0, 0].set(jnp.nan)
+  out = np.asarray(winograd.conv_relu_max_pool(x, jnp.ones((3, 3, 2, 3)), jnp.zeros(3)))
+  assert np.isnan(out[0, 0, 0]).all() and not np.isnan(out[0, 1:, 1:]).any()
+
+
 def test_bfloat16_in_bfloat16_out():
   x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)

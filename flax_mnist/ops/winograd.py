@@ -49,14 +49,20 @@ def transforms(r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return evaluation(TILE).T, evaluation(r), np.linalg.inv(evaluation(alpha)).T
 
 
+def _weighted_sum(parts, weights):
+  """sum_j weights[j] * parts[j], skipping zero terms.
+
+  In lax ops: a transform is hundreds of them, and each jnp op is traced as a call of its own
+  (jit), which made tracing a step several times slower.
+  """
+  terms = [part if c == 1 else lax.neg(part) if c == -1 else lax.mul(part, np.float32(c))
+           for c, part in zip(weights, parts) if c != 0]
+  return functools.reduce(lax.add, terms)
+
+
 def _combine(parts, matrix, axis):
   """stack([sum_j matrix[i, j] * parts[j] for each row i], axis), skipping zero terms."""
-  rows = []
-  for row in matrix:
-    terms = [part if c == 1 else -part if c == -1 else part * np.float32(c)
-             for c, part in zip(row, parts) if c != 0]
-    rows.append(functools.reduce(jnp.add, terms))
-  return jnp.stack(rows, axis)
+  return jnp.stack([_weighted_sum(parts, row) for row in matrix], axis)
 
 
 def _tile_starts(x, offset, axis, tiles):
@@ -110,6 +116,29 @@ def _output_tiles(products, at, n, tiles_h, tiles_w):
   return y.reshape(n, tiles_h * TILE, tiles_w * TILE, cout)
 
 
+def _pooled_output_tiles(products, at, n, tiles_h, tiles_w):
+  """M (a*a, T, Co) -> the 2x2 max pool of A^T M A, (n, 2 tiles_h, 2 tiles_w, Co).
+
+  Each output is summed straight from M (a^2 terms, not 2a as in _output_tiles' two passes)
+  and pooled at once, so XLA makes one pass over M that writes only the pooled quarter:
+  the full-size output is never stored and read back. A tile's 4x4 outputs hold four whole
+  2x2 windows, so the pool never crosses tiles.
+  """
+  alpha = at.shape[1]
+  m = products.reshape(alpha, alpha, n, tiles_h, tiles_w, products.shape[-1])
+  parts = [m[p, q] for p in range(alpha) for q in range(alpha)]
+
+  def output(i, j):  # Row i, column j of every tile: sum_pq A^T[i, p] A^T[j, q] M[p, q].
+    return _weighted_sum(parts, np.outer(at[i], at[j]).ravel())
+
+  def window(row, col):  # Pooled row `row`, column `col` of every tile (0 or 1 each).
+    a, b, c, d = (output(2 * row + i, 2 * col + j) for i in (0, 1) for j in (0, 1))
+    return lax.max(lax.max(a, b), lax.max(c, d))  # NaN propagates, as in pool.py.
+
+  pooled = jnp.stack([jnp.stack([window(row, col) for col in (0, 1)], 3) for row in (0, 1)], 2)
+  return pooled.reshape(n, 2 * tiles_h, 2 * tiles_w, products.shape[-1])
+
+
 def _output_tiles_transpose(dy, at):
   """The transpose of _output_tiles: dy (n, th*TILE, tw*TILE, Co) -> dM (a*a, T, Co)."""
   alpha = at.shape[1]
@@ -139,11 +168,11 @@ def _tile_counts(out_h, out_w):
   return -(-out_h // TILE), -(-out_w // TILE)
 
 
-def _forward(x, w, precision):
+def _products(x, w, precision):
+  """(V, M = V U, (out_h, out_w), (tiles_h, tiles_w)) of x (n, H, W, C) and w (r, r, C, Co)."""
   r = w.shape[0]
-  at, g, bt = transforms(r)
-  n, h, width, _ = x.shape
-  out_h, out_w = h - r + 1, width - r + 1
+  _, g, bt = transforms(r)
+  out_h, out_w = x.shape[1] - r + 1, x.shape[2] - r + 1
   tiles_h, tiles_w = _tile_counts(out_h, out_w)
   # Inputs padded at the bottom and right so the tiles cover the output; outputs cropped.
   x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, tiles_h * TILE - out_h),
@@ -151,7 +180,13 @@ def _forward(x, w, precision):
   v = _input_tiles(x, bt, tiles_h, tiles_w)
   u = _kernel_tiles(w.astype(jnp.float32), g)
   products = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
-  y = _output_tiles(products, at, n, tiles_h, tiles_w)[:, :out_h, :out_w]
+  return v, products, (out_h, out_w), (tiles_h, tiles_w)
+
+
+def _forward(x, w, precision):
+  at, g, _ = transforms(w.shape[0])
+  v, products, (out_h, out_w), tiles = _products(x, w, precision)
+  y = _output_tiles(products, at, x.shape[0], *tiles)[:, :out_h, :out_w]
   # U^T for the input gradient, transformed from w^T: a plain matmul there (a transposed-operand
   # one over U measured no faster; benchmarks/RESULTS.md).
   return y, (v, _kernel_tiles(jnp.swapaxes(w.astype(jnp.float32), 2, 3), g))
@@ -188,6 +223,21 @@ def _conv_bwd(precision, residuals, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_relu_max_pool(x, w, b, precision=None):
+  """relu(max_pool_2x2(conv(x, w) + b)) for inference: a 'valid' stride-1 NHWC convolution
+  (kernel of a size in KERNEL_SIZES), its bias, Keras' ReLU and MaxPool2D(2), with the pool
+  taken in Winograd's tile space (_pooled_output_tiles) and the bias and ReLU on the pooled
+  quarter (adding b and rounding are monotonic, so max(y) + b == max(y + b) exactly).
+
+  The same values as winograd_conv then pool.relu_max_pool_2x2, up to summation order; no
+  written gradient (the model uses it only when not training).
+  """
+  _, products, (out_h, out_w), tiles = _products(x, w, precision)
+  pooled = _pooled_output_tiles(products, transforms(w.shape[0])[0], x.shape[0], *tiles)
+  pooled = pooled[:, :out_h // 2, :out_w // 2] + b.astype(jnp.float32)
+  return jnp.where(pooled <= 0, jnp.zeros((), pooled.dtype), pooled).astype(x.dtype)
 
 
 def winograd_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
