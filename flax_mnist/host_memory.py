@@ -50,12 +50,23 @@ def keep_freed_memory() -> int:
   return 0
 
 
+_paused = False  # Whether pause_collector turned the collector off (and resume has not).
+
+
 def pause_collector() -> None:
-  """Turns Python's cycle collector off for the imports (resume_collector turns it back on)."""
-  gc.disable()
+  """Turns Python's cycle collector off for the imports (resume_collector turns it back on);
+  nothing if the caller already had it off."""
+  global _paused
+  if gc.isenabled():
+    gc.disable()
+    _paused = True
 
 
 def resume_collector() -> None:
-  """Moves every object alive now out of the collector's view for good, and turns it on."""
-  gc.freeze()
-  gc.enable()
+  """After pause_collector: moves every object alive now out of the collector's view for good,
+  and turns it back on. Otherwise nothing, so calling it again (or on an error path) is safe."""
+  global _paused
+  if _paused:
+    _paused = False
+    gc.freeze()
+    gc.enable()

@@ -131,7 +131,7 @@ def main(argv) -> None:
       print(schema.describe(config))
       return
     host_memory.keep_freed_memory()  # Before JAX allocates anything.
-    host_memory.pause_collector()  # Until run_mode's imports are done.
+    host_memory.pause_collector()  # Until run_mode's imports are done (or an error).
     from flax_mnist import distributed, plan  # After flag parsing: imports JAX.
     from flax_mnist.reporting.console import say
     distributed.initialize(config)  # Before any other JAX call.
@@ -144,6 +144,8 @@ def main(argv) -> None:
   except KeyboardInterrupt:  # A second Ctrl-C in training, or one outside it.
     _fail('interrupted; checkpoints already written are intact. Run the same command again to '
           'resume from the newest.', 130)
+  finally:
+    host_memory.resume_collector()  # Where start-up ended before run_mode's imports.
 
 
 if __name__ == '__main__':

@@ -50,7 +50,8 @@ class CNN(nnx.Module):
     x = x.reshape((x.shape[0], *geometry.IMAGE_SHAPE))
     x = nnx.relu(self.conv1(x))
     if self.pool_in_tiles and not train:  # Forward only: no written gradient.
-      x = winograd.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...])
+      x = winograd.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...],
+                                      self.conv2.precision)
     else:
       x = self.relu_pool(self.conv2(x))
     if train:

@@ -13,7 +13,9 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   patches within a byte budget. Elsewhere the whole batch.
 - pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
-  bfloat16 the same values differentiated by JAX (faster there on GPU).
+  bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
+  in float32 with a 3x3 Winograd conv2, conv2's bias, ReLU and pool are taken in its tiles
+  (pool_in_tiles; at 5x5 that measured slower).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with

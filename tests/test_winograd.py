@@ -96,6 +96,15 @@ def test_conv_relu_max_pool_keeps_nan():
   assert np.isnan(out[0, 0, 0]).all() and not np.isnan(out[0, 1:, 1:]).any()
 
 
+def test_conv_relu_max_pool_bfloat16_in_bfloat16_out():
+  x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)
+  out = winograd.conv_relu_max_pool(x, w, jnp.zeros(5, jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 4, 5)
+  want = _pooled_reference(x.astype(jnp.float32), w.astype(jnp.float32), np.zeros(5))
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=0.05 * np.abs(want).max())
+
+
 def test_bfloat16_in_bfloat16_out():
   x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)

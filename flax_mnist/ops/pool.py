@@ -38,7 +38,7 @@ def _first_max_position(x: jax.Array, pooled: jax.Array) -> jax.Array:
   return jnp.where(pooled > 0, position, jnp.int32(4))
 
 
-def _relu_keeping_nan(x: jax.Array) -> jax.Array:
+def relu_keeping_nan(x: jax.Array) -> jax.Array:
   # A select, not jnp.maximum(x, 0): NaN stays NaN whatever a backend's max does with it.
   return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
@@ -52,12 +52,12 @@ def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
   int32 position of its maximum instead of the layer's input: one select, where autodiff of a
   max compares the saved input again and counts ties with an extra reduction.
   """
-  return _relu_keeping_nan(max_pool_2x2(x))
+  return relu_keeping_nan(max_pool_2x2(x))
 
 
 def _relu_max_pool_fwd(x):
   pooled = max_pool_2x2(x)
-  return _relu_keeping_nan(pooled), (_first_max_position(x, pooled), jnp.zeros((0,), x.dtype))
+  return relu_keeping_nan(pooled), (_first_max_position(x, pooled), jnp.zeros((0,), x.dtype))
 
 
 def _relu_max_pool_bwd(residuals, dy):
@@ -117,7 +117,7 @@ def relu_then_max_pool_2x2(x: jax.Array) -> jax.Array:
   For bfloat16, where the hand-written gradient made a device-resident GPU epoch slower
   (benchmarks/RESULTS.md).
   """
-  return max_pool_2x2(_relu_keeping_nan(x))
+  return max_pool_2x2(relu_keeping_nan(x))
 
 
 VARIANTS = {'fused': relu_max_pool_2x2, 'fused_cpu': relu_max_pool_2x2_cpu,

@@ -11,6 +11,10 @@ dV = dM U^T, whose tiles B dV B^T are added back where they overlap (input gradi
 The transforms (Cook-Toom, from interpolation points) are exact in rationals; in float32 they
 cost some precision, kept near lax.conv's by the choice of points: within 1e-5 of the output's
 scale (tests/test_winograd.py). Transforms run in float32 whatever the input dtype.
+
+For inference, conv_relu_max_pool also takes the layer's bias, ReLU and 2x2 max pool inside
+the tiles (a 4x4 tile holds four whole windows), summing each output straight from M: the
+full-size output is never stored. It has no written gradient; training uses winograd_conv.
 """
 
 import functools
@@ -19,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from flax_mnist.ops import pool
 
 TILE = 4  # Output rows and columns per tile.
 # Interpolation points (plus the point at infinity) per kernel size: these keep float32 error
@@ -106,14 +112,18 @@ def _input_tiles_transpose(dv, bt, n, tiles_h, tiles_w):
   return _overlap_add([rows[i] for i in range(alpha)], 1)
 
 
+def _per_position(products, alpha, n, tiles_h, tiles_w):
+  """M (a*a, T, Co) -> (a, a, n, tiles_h, tiles_w, Co): position (p, q) of every tile."""
+  return products.reshape(alpha, alpha, n, tiles_h, tiles_w, products.shape[-1])
+
+
 def _output_tiles(products, at, n, tiles_h, tiles_w):
   """M (a*a, T, Co) -> y (n, tiles_h*TILE, tiles_w*TILE, Co): A^T M A of every tile."""
   alpha = at.shape[1]
-  cout = products.shape[-1]
-  m = products.reshape(alpha, alpha, n, tiles_h, tiles_w, cout)
+  m = _per_position(products, alpha, n, tiles_h, tiles_w)
   y = _combine([m[i] for i in range(alpha)], at, 3)
   y = _combine([y[j] for j in range(alpha)], at, 4)
-  return y.reshape(n, tiles_h * TILE, tiles_w * TILE, cout)
+  return y.reshape(n, tiles_h * TILE, tiles_w * TILE, products.shape[-1])
 
 
 def _pooled_output_tiles(products, at, n, tiles_h, tiles_w):
@@ -125,7 +135,7 @@ def _pooled_output_tiles(products, at, n, tiles_h, tiles_w):
   2x2 windows, so the pool never crosses tiles.
   """
   alpha = at.shape[1]
-  m = products.reshape(alpha, alpha, n, tiles_h, tiles_w, products.shape[-1])
+  m = _per_position(products, alpha, n, tiles_h, tiles_w)
   parts = [m[p, q] for p in range(alpha) for q in range(alpha)]
 
   def output(i, j):  # Row i, column j of every tile: sum_pq A^T[i, p] A^T[j, q] M[p, q].
@@ -231,13 +241,14 @@ def conv_relu_max_pool(x, w, b, precision=None):
   taken in Winograd's tile space (_pooled_output_tiles) and the bias and ReLU on the pooled
   quarter (adding b and rounding are monotonic, so max(y) + b == max(y + b) exactly).
 
-  The same values as winograd_conv then pool.relu_max_pool_2x2, up to summation order; no
-  written gradient (the model uses it only when not training).
+  The same values as winograd_conv, the bias, then pool.relu_max_pool_2x2, up to summation
+  order; odd output sides are rounded down, as Keras' pool does (pool.py takes even sides
+  only). No written gradient (the model uses it only when not training).
   """
   _, products, (out_h, out_w), tiles = _products(x, w, precision)
   pooled = _pooled_output_tiles(products, transforms(w.shape[0])[0], x.shape[0], *tiles)
   pooled = pooled[:, :out_h // 2, :out_w // 2] + b.astype(jnp.float32)
-  return jnp.where(pooled <= 0, jnp.zeros((), pooled.dtype), pooled).astype(x.dtype)
+  return pool.relu_keeping_nan(pooled).astype(x.dtype)
 
 
 def winograd_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
