@@ -13,8 +13,8 @@ A tuning of glibc's malloc through its documented `mallopt`, not an allocator of
 the C library is another (macOS, musl), nothing changes. Imports nothing heavy (the command
 line calls it before JAX allocates anything).
 
-Start-up (importing JAX, flax and orbax, then tracing a step) creates hundreds of thousands of
-objects that live as long as the process; each of the cycle collector's full passes walks them
+Start-up (importing JAX, flax and orbax, then tracing a step) creates well over a hundred
+thousand objects that live as long as the process; each of the cycle collector's full passes walks them
 all again, and finds no garbage in them. The collector is off until the imports are done, then
 freezes what they made (gc.freeze: later passes skip it) and runs as usual, so tracing's
 passes see only new objects (benchmarks/RESULTS.md has the seconds saved).

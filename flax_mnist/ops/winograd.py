@@ -59,7 +59,7 @@ def _weighted_sum(parts, weights):
   """sum_j weights[j] * parts[j], skipping zero terms.
 
   In lax ops: a transform is hundreds of them, and each jnp op is traced as a call of its own
-  (jit), which made tracing a step several times slower.
+  (jit), which made tracing a step markedly slower (benchmarks/RESULTS.md).
   """
   terms = [part if c == 1 else lax.neg(part) if c == -1 else lax.mul(part, np.float32(c))
            for c, part in zip(weights, parts) if c != 0]
