@@ -25,11 +25,11 @@ def test_device_epochs_equal_host_fed_epochs(prepared_data_dir, tmp_path):
     state = modes.restore(config, plan, str(tmp_path / mode), 'latest').state
     runs[mode] = rows, jax.tree.leaves(jax.device_get(state.params)), read_scalars(
         tmp_path / mode / tensorboard.LOG_DIR)
+  # The two compiled programs round differently (the conv's custom backward fuses differently
+  # inside the epoch's scan), by a few float32 ulps of the means, more on some CPUs than others.
   for host_row, device_row in zip(runs['off'][0], runs['on'][0]):
     for key in ('loss', 'accuracy', 'val_loss', 'val_accuracy'):
-      np.testing.assert_allclose(device_row[key], host_row[key], rtol=1e-6)
-  # The two compiled programs round differently (the conv's custom backward fuses differently
-  # inside the epoch's scan).
+      np.testing.assert_allclose(device_row[key], host_row[key], rtol=1e-5)
   assert_adam_params_close(runs['on'][1], runs['off'][1], config.learning_rate)
   for tag in ('steps/loss', 'steps/accuracy'):  # TensorBoard every 3 steps, on both paths.
     host, device = runs['off'][2][tag], runs['on'][2][tag]

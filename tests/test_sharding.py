@@ -35,14 +35,26 @@ def _rows(result):
 
 
 def _assert_same_metrics(runs, what):
-  """Every epoch's metrics of the 8-device run equal the 1-device run's up to rounding."""
+  """The 8-device run trains like the 1-device run: the first epoch equal up to rounding, later
+  epochs within what that rounding grows to.
+
+  8 devices sum the gradient in another order; each Adam step carries the last ulp difference
+  into the next, so it grows over the epochs (on some CPUs faster than others, since the vector
+  width changes the order of sums too) and can flip the prediction of a sample on the edge.
+  Later epochs therefore allow the losses 0.2% and the accuracies 3 of the 600-1000 samples.
+  """
   keys = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
   print(f'{what}:', [{k: (eight[k], one[k]) for k in keys}
                      for one, eight in zip(runs[1], runs[8])])
   assert len(runs[1]) == len(runs[8]) == 3
-  for one, eight in zip(runs[1], runs[8]):
+  for epoch, (one, eight) in enumerate(zip(runs[1], runs[8])):
     for key in keys:
-      np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+      if epoch == 0:
+        np.testing.assert_allclose(eight[key], one[key], rtol=2e-4, atol=2e-4)
+      elif key.endswith('accuracy'):
+        np.testing.assert_allclose(eight[key], one[key], rtol=0, atol=3 / 600)
+      else:
+        np.testing.assert_allclose(eight[key], one[key], rtol=2e-3)
 
 
 def test_eight_devices_train_like_one(prepared_data_dir, tmp_path):
