@@ -189,16 +189,29 @@ def end_to_end_table(idx_dir: str, workdir: str) -> str:
   return '\n'.join(rows)
 
 
+def cpu_name() -> str:
+  """The CPU's model and widest vector set: the lead over the peers depends on it
+  (benchmarks/RESULTS.md, 2026-12-06), so every report says which it had."""
+  info = Path('/proc/cpuinfo')
+  if not info.exists():
+    return platform.processor() or platform.machine()
+  lines = info.read_text().splitlines()
+  field = lambda name: next((l.split(':', 1)[1].strip() for l in lines if l.startswith(name)), '')
+  flags = set(field('flags').split())
+  vectors = next((label for flag, label in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'),
+                                             ('asimd', 'NEON')) if flag in flags), '')
+  return field('model name') + (f' ({vectors})' if vectors else '')
+
+
 def header(argv) -> str:
-  packages = ['jax', 'jaxlib', 'flax', 'optax', 'keras', 'tensorflow-cpu', 'torch', 'numpy']
-  cpu = next((line.split(':', 1)[1].strip() for line in
-              Path('/proc/cpuinfo').read_text().splitlines() if line.startswith('model name')),
-             platform.processor()) if Path('/proc/cpuinfo').exists() else platform.processor()
+  # The [tf] extra installs tensorflow-cpu, [test] (through tf-keras) tensorflow: name the one here.
+  tensorflow = 'tensorflow-cpu' if version('tensorflow-cpu') != 'missing' else 'tensorflow'
+  packages = ['jax', 'jaxlib', 'flax', 'optax', 'keras', tensorflow, 'torch', 'numpy']
   return '\n'.join([
       f'## {datetime.date.today().isoformat()}: `python benchmarks/throughput.py '
       f'{" ".join(argv)}`'.rstrip() + '',
       '',
-      f'Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, '
+      f'Machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, '
       f'Python {platform.python_version()}. Versions: '
       + ', '.join(f'{p} {version(p)}' for p in packages) + '.', ''])
 
