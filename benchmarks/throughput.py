@@ -189,13 +189,12 @@ def end_to_end_table(idx_dir: str, workdir: str) -> str:
   return '\n'.join(rows)
 
 
-def cpu_name() -> str:
+def cpu_name(cpuinfo: Path = Path('/proc/cpuinfo')) -> str:
   """The CPU's model and widest vector set: the lead over the peers depends on it
   (benchmarks/RESULTS.md, 2026-12-06), so every report says which it had."""
-  info = Path('/proc/cpuinfo')
-  if not info.exists():
+  if not cpuinfo.exists():
     return platform.processor() or platform.machine()
-  lines = info.read_text().splitlines()
+  lines = cpuinfo.read_text().splitlines()
   field = lambda name: next((l.split(':', 1)[1].strip() for l in lines if l.startswith(name)), '')
   flags = set(field('flags').split())
   vectors = next((label for flag, label in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'),

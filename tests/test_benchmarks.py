@@ -70,16 +70,13 @@ def test_throughput_overrides_and_the_cpu_bound_neighbour():
   assert not busy[0].is_running() or busy[0].status() == psutil.STATUS_ZOMBIE
 
 
-
 def test_throughput_report_names_the_cpu_vector_set_and_the_installed_tensorflow(monkeypatch, tmp_path):
   import throughput
   cpuinfo = tmp_path / 'cpuinfo'
   cpuinfo.write_text('model name\t: Some CPU\nflags\t\t: fpu sse2 avx avx2 fma\n')
-  real_path = throughput.Path
-  monkeypatch.setattr(throughput, 'Path', lambda p: cpuinfo if p == '/proc/cpuinfo' else real_path(p))
-  assert throughput.cpu_name() == 'Some CPU (AVX2)'
+  assert throughput.cpu_name(cpuinfo) == 'Some CPU (AVX2)'
   cpuinfo.write_text('model name\t: Other\nflags\t\t: avx2 avx512f\n')
-  assert throughput.cpu_name() == 'Other (AVX-512)'
+  assert throughput.cpu_name(cpuinfo) == 'Other (AVX-512)'
   monkeypatch.setattr(throughput, 'version', lambda p: '2.21.0' if p == 'tensorflow' else 'missing')
   assert 'tensorflow 2.21.0' in throughput.header(['--kernels', '3'])
 
