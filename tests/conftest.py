@@ -35,10 +35,14 @@ def assert_adam_params_close(params, expected, learning_rate):
 
 
 @pytest.fixture(scope='session', autouse=True)
-def command_line_compilation_cache(tmp_path_factory):
-  """The command lines that tests start keep JAX's compilation cache in this session's temp
-  folder (they inherit the variable), not in the user's ~/.cache."""
+def compilation_cache(tmp_path_factory):
+  """Tests compile as users' runs do, through JAX's persistent compilation cache, kept in this
+  session's temp folder instead of ~/.cache: the command lines that tests start inherit the
+  variable, and this process turns the cache on as main does (a program that an earlier test
+  compiled, with its own jit objects, then loads in a blink)."""
   os.environ['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
+  from flax_mnist import main
+  main.enable_compilation_cache()
 
 
 @pytest.fixture(scope='session', autouse=True)
