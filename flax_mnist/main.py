@@ -34,7 +34,8 @@ _STEP = flags.DEFINE_string('step', 'latest',
                             'number.')
 _OUTPUT = flags.DEFINE_string('output', '', 'export: a .h5 (Keras 3 and tf-keras 2) or .keras '
                               '(Keras 3) path (default WORKDIR/keras_cnn.h5).')
-_IMAGES = flags.DEFINE_string('images', '', 'predict: image files, PATH[,PATH...] or a GLOB.')
+_IMAGES = flags.DEFINE_string('images', '', 'predict: image files, PATH[,PATH...], each a file, '
+                              'a folder (its image files) or a quoted GLOB.')
 _INVERT = flags.DEFINE_bool('invert', False, 'predict: images are dark digits on light paper.')
 _LANE = flags.DEFINE_integer('lane', None, 'eval/export/predict/report of a run of several '
                              'models (config.num_models, config.sweep): lane N only. Default: '

@@ -67,6 +67,9 @@ def digit_files(tmp_path_factory, mnist_dir):
   Image.fromarray(images[0]).convert('RGB').resize((112, 112)).save(folder / 'big_rgb.png')
   Image.fromarray(255 - images[1]).save(folder / 'paper.jpg', quality=95)
   (folder / 'notes.png').write_text('not an image')
+  (folder / 'README.txt').write_text('not an image, and not named like one')
+  (folder / 'older').mkdir()
+  Image.fromarray(images[2]).save(folder / 'older' / 'digit2.png')  # Folders are not searched.
   return folder, paths, images[:8]
 
 
@@ -86,13 +89,28 @@ def test_predict_classifies_files_as_the_model_does_in_memory(trained_workdir,
 
 def test_predict_reports_bad_files_and_classifies_the_rest(trained_workdir, prepared_data_dir,
                                                            digit_files):
+  """A folder stands for its image files, by name; a file that is no image gets an error line."""
   folder, paths, _ = digit_files
   result = _cli(trained_workdir, prepared_data_dir, '--mode=predict',
-                f'--images={folder}/notes.png,{paths[0]},{folder}/missing.png')
+                f'--images={folder},{folder}/missing.png')
   assert result.returncode == 1
-  assert f'error: {folder}/notes.png: not a readable image' in result.stderr
-  assert f'error: {folder}/missing.png: no such file.' in result.stderr
-  assert f'{paths[0]}: ' in result.stdout
+  assert result.stderr.strip().splitlines()[-2:] == [
+      f'error: {folder}/notes.png: not a readable image (UnidentifiedImageError); pass PNG or '
+      'JPEG files.', f'error: {folder}/missing.png: no such file.']
+  classified = [line.split(': ')[0] for line in result.stdout.strip().splitlines()[1:]]
+  assert classified == [str(folder / name) for name in ['big_rgb.png', *(p.name for p in paths),
+                                                        'paper.jpg']]
+
+
+def test_a_folder_stands_for_its_image_files(digit_files, tmp_path):
+  folder, paths, _ = digit_files
+  assert images_lib.expand_paths(f'{folder}/digit1.png, {folder}/') == [
+      paths[1], folder / 'big_rgb.png', *paths, folder / 'notes.png', folder / 'paper.jpg']
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(images_lib.ImageError, match=r'/empty: a folder without image files \(\.png'):
+    images_lib.expand_paths(str(tmp_path / 'empty'))
+  # A glob adds the image files of the folders it matches, and nothing for one without any.
+  assert images_lib.expand_paths(f'{tmp_path}/*,{folder}/ol*') == [folder / 'older' / 'digit2.png']
 
 
 def test_load_image_converts_size_colour_and_inversion(digit_files):

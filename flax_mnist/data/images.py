@@ -9,17 +9,41 @@ from flax_mnist.errors import FlaxMnistError
 from flax_mnist.geometry import IMAGE_SIDE
 
 
+# What a folder passed to predict stands for. Named, not Pillow's registered extensions, which
+# include formats it only identifies (.h5, .grib): a workdir's keras_cnn.h5 is no image.
+FOLDER_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.pgm',
+                   '.ppm', '.pbm', '.pnm')
+
+
 class ImageError(FlaxMnistError):
   """A file that cannot be read as an image."""
 
 
 def expand_paths(spec: str) -> list[pathlib.Path]:
-  """PATH[,PATH...] where each part may be a glob; a part matching nothing is kept (to fail)."""
+  """PATH[,PATH...] where each part is a file, a folder or a glob; a part matching nothing is
+  kept (to fail as a missing file). A folder stands for the image files directly in it."""
   paths = []
   for part in filter(None, (p.strip() for p in spec.split(','))):
     matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-    paths += [pathlib.Path(m) for m in (matches or [part])]
+    for path in map(pathlib.Path, matches or [part]):
+      named = not glob.has_magic(part)
+      paths += _image_files(path, named) if path.is_dir() else [path]
   return paths
+
+
+def _image_files(folder: pathlib.Path, named: bool) -> list[pathlib.Path]:
+  """The files in `folder` with an image suffix (FOLDER_SUFFIXES), by name; a folder named on
+  the command line without any is an error (one a glob matched adds nothing)."""
+  try:
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file())
+  except OSError as e:
+    raise ImageError(f'{folder}: the folder cannot be listed ({type(e).__name__}); pass image '
+                     'files, or a folder you can read.') from None
+  if not files and named:
+    raise ImageError(f'{folder}: a folder without image files ({", ".join(FOLDER_SUFFIXES)}); '
+                     'pass image files, or the folder that holds them.')
+  return files
 
 
 def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
