@@ -10,7 +10,9 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   XLA's (cuDNN) for the rest; XLA's on TPU.
 - micro-batches (CPU only): gradients summed over micro-batches whose activations stay in the
   cache: 50 examples per device with a Winograd conv2; with im2col, as many as keep conv2's
-  patches within a byte budget. Elsewhere the whole batch.
+  patches within a byte budget; at most that, and the most that divides the batch, for the
+  train and the eval batch each (batch 128 with eval batch 1000: 32 and 50, not their common
+  8). Elsewhere the whole batch.
 - pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
@@ -55,8 +57,9 @@ class Plan:
   train_batch: int  # Global rows per train step: config.batch_size padded for the devices.
   train_padding: int  # Masked rows among them (0 when the devices divide the batch).
   eval_batch: int  # Global rows per eval step, likewise padded.
-  micro_batch: int  # Global rows per micro-batch.
+  micro_batch: int  # Global rows per train micro-batch.
   train_micro_batches: int
+  eval_micro_batch: int  # Global rows per eval micro-batch.
   eval_micro_batches: int
   device_data: bool
   lanes: int = 1  # Models trained together (flax_mnist/lanes.py).
@@ -71,10 +74,14 @@ class Plan:
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
     tiles = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
+    if self.eval_micro_batch == self.micro_batch:
+      micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch, '
+               f'{self.eval_micro_batches} per eval batch)')
+    else:
+      micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch), '
+               f'eval {self.eval_micro_batch} ({self.eval_micro_batches} per eval batch)')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
-            f'{self.conv2}, pool {self.pool}{tiles}, micro-batch {self.micro_batch} '
-            f'({self.train_micro_batches} per train batch, {self.eval_micro_batches} per eval '
-            f'batch), {feed}{padding}{lanes}')
+            f'{self.conv2}, pool {self.pool}{tiles}, {micro}, {feed}{padding}{lanes}')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -91,24 +98,23 @@ def conv_impl(config, backend: str, in_features: int) -> str:
   return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
 
 
-def micro_batch_size(config, backend: str, devices: int, conv2: str) -> int:
-  """config.micro_batch_size, or for 0 the CPU policy above; always divides both (padded)
-  batch sizes and is a multiple of the device count (else the whole batch)."""
-  train, evaluation = (padded_size(config.batch_size, devices),
-                       padded_size(config.eval_batch_size, devices))
+def micro_batch_size(config, backend: str, devices: int, conv2: str, batch: int) -> int:
+  """Rows per micro-batch of a (padded) `batch`: config.micro_batch_size, or for 0 the CPU
+  policy above, the largest multiple of the device count that divides `batch` (else the whole
+  batch). Train and eval batches get theirs each: a common divisor of both can be far smaller
+  than either's best (8 for 128 and 1000), and steps of micro-batches that small are slower."""
   if config.micro_batch_size:
     return config.micro_batch_size
   if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd'):
-    return train
+    return batch
   if conv2 == 'winograd':
     per_device = _CPU_WINOGRAD_EXAMPLES
   else:
     side = geometry.conv_sides(config.kernel_size)[1]
     patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
     per_device = max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
-  fits = [m for m in range(devices, per_device * devices + 1, devices)
-          if train % m == 0 and evaluation % m == 0]
-  return max(fits) if fits else train
+  fits = [m for m in range(devices, per_device * devices + 1, devices) if batch % m == 0]
+  return max(fits) if fits else batch
 
 
 def _check_micro_batch(config, devices: int) -> None:
@@ -135,13 +141,14 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
                       f'{config.kernel_size} (only '
                       f'{", ".join(map(str, WINOGRAD_KERNEL_SIZES))}); use conv_impl=auto or '
                       'im2col_vjp.')
-  micro = micro_batch_size(config, backend, devices, conv2)
+  train, evaluation = (padded_size(config.batch_size, devices),
+                       padded_size(config.eval_batch_size, devices))
+  micro = micro_batch_size(config, backend, devices, conv2, train)
+  eval_micro = micro_batch_size(config, backend, devices, conv2, evaluation)
   if config.device_data == 'auto':
     device_data = backend != 'cpu' and processes == 1
   else:
     device_data = config.device_data == 'on'
-  train, evaluation = (padded_size(config.batch_size, devices),
-                       padded_size(config.eval_batch_size, devices))
   lanes = lanes_lib.count(config)
   per_pass = config.lanes_per_pass or (1 if backend == 'cpu' else lanes)
   pool = pool_variant(config, backend)
@@ -150,8 +157,9 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
               pool=pool, pool_in_tiles=pool_in_tiles, train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
-              micro_batch=micro, train_micro_batches=max(train // micro, 1),
-              eval_micro_batches=max(evaluation // micro, 1), device_data=device_data,
+              micro_batch=micro, train_micro_batches=train // micro,
+              eval_micro_batch=eval_micro, eval_micro_batches=evaluation // eval_micro,
+              device_data=device_data,
               lanes=lanes, lanes_per_pass=min(per_pass, lanes))
 
 

@@ -60,11 +60,27 @@ def test_auto_micro_batch_size():
   assert _micro('cpu', 1, micro_batch_size=50) == 50
 
 
-def test_micro_batch_counts_divide_both_batches():
+def test_micro_batch_counts():
   plan = plan_lib.make(base_config(), 'cpu', 1)  # Batches 500 and 1000, micro-batches of 50.
   assert (plan.train_micro_batches, plan.eval_micro_batches) == (10, 20)
-  plan = plan_lib.make(base_config(), 'gpu', 1)  # The whole training batch.
-  assert (plan.train_micro_batches, plan.eval_micro_batches) == (1, 2)
+  plan = plan_lib.make(base_config(), 'gpu', 1)  # Whole batches.
+  assert (plan.train_micro_batches, plan.eval_micro_batches) == (1, 1)
+
+
+def test_train_and_eval_batches_get_their_own_micro_batch():
+  """Their common divisors can be far smaller than either's best (8 for 128 and 1000), and
+  micro-batches that small make the steps slower (benchmarks/RESULTS.md)."""
+  plan = plan_lib.make(base_config(batch_size=128), 'cpu', 1)
+  assert (plan.micro_batch, plan.train_micro_batches) == (32, 4)
+  assert (plan.eval_micro_batch, plan.eval_micro_batches) == (50, 20)
+  assert 'micro-batch 32 (4 per train batch), eval 50 (20 per eval batch), ' in plan.line()
+  plan = plan_lib.make(base_config(batch_size=100, eval_batch_size=7), 'cpu', 1)
+  assert (plan.micro_batch, plan.eval_micro_batch) == (50, 7)
+  plan = plan_lib.make(base_config(batch_size=128), 'cpu', 8)  # 16 rows a device: one each.
+  assert (plan.micro_batch, plan.eval_micro_batch) == (128, 200)
+  # An explicit size is both (it must divide both batches).
+  plan = plan_lib.make(base_config(batch_size=128, micro_batch_size=8), 'cpu', 1)
+  assert (plan.micro_batch, plan.eval_micro_batch, plan.eval_micro_batches) == (8, 8, 125)
 
 
 def test_pool_variant_follows_dtype():
