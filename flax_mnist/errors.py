@@ -15,6 +15,10 @@ class DataError(FlaxMnistError):
   """A dataset or data file that cannot be used."""
 
 
+class WorkdirError(FlaxMnistError):
+  """A --workdir that cannot be a folder."""
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
   """'Type: first line of the message', at most `limit` characters: how a library's exception
   is quoted inside one of our one-line errors."""

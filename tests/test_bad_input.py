@@ -151,6 +151,19 @@ def test_predict_path_that_is_not_an_image(tmp_path, prepared_data_dir, trained_
   _assert_one_line_and_nothing_written(result, tmp_path, f'{notes}: not a readable image')
 
 
+@pytest.mark.parametrize('below', [False, True])
+def test_workdir_that_is_a_file_on_first_run(tmp_path, mnist_dir, below):
+  """--workdir=FILE (or FILE/run): one line before the dataset is prepared."""
+  blocker = tmp_path / 'notes.txt'
+  blocker.write_text('a file')
+  workdir = blocker / 'run' if below else blocker
+  result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}',
+                f'--config.idx_dir={mnist_dir}', f'--workdir={workdir}')
+  _assert_one_line_and_nothing_written(result, tmp_path, f'error: --workdir={workdir}: '
+                                       f'{blocker} is a file, not a folder')
+  assert blocker.read_text() == 'a file'
+
+
 def test_checkpoint_folder_blocked(tmp_path, prepared_data_dir):
   (tmp_path / 'w').mkdir()
   (tmp_path / 'w' / 'checkpoints').write_text('a file where the folder should be')

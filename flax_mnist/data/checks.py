@@ -11,7 +11,7 @@ here too, still before the workdir: a download that fails leaves nothing behind.
 import pathlib
 
 from flax_mnist.data import offline, prepare, split_cache, tfds_source
-from flax_mnist.errors import DataError, first_line
+from flax_mnist.errors import DataError, WorkdirError, first_line
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
 _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
@@ -21,6 +21,7 @@ _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
 def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
   """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run;
   prepares the dataset once every input that can be checked without it has passed."""
+  check_workdir(workdir)
   reads_data = mode in _SPLITS and not _cached(config, _SPLITS[mode])
   if reads_data:
     builder, idx_splits = check_dataset(config, _SPLITS[mode])
@@ -28,6 +29,16 @@ def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
     check_init_from(config, plan)
   if reads_data:
     prepare_dataset(config, builder, idx_splits, _SPLITS[mode])
+
+
+def check_workdir(workdir: str | pathlib.Path) -> None:
+  """A workdir that is a file, or lies under one, fails here in one line; later it would be a
+  traceback from the first mkdir, after the dataset was prepared."""
+  path = pathlib.Path(workdir)
+  existing = next(folder for folder in (path, *path.parents) if folder.exists())
+  if not existing.is_dir():
+    raise WorkdirError(f'--workdir={workdir}: {existing} is a file, not a folder; pass another '
+                       '--workdir.')
 
 
 def _cached(config, split_fields: tuple[str, ...]) -> bool:
