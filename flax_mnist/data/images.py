@@ -24,9 +24,9 @@ def expand_paths(spec: str) -> list[pathlib.Path]:
   kept (to fail as a missing file). A folder stands for the image files directly in it."""
   paths = []
   for part in filter(None, (p.strip() for p in spec.split(','))):
-    matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+    named = not glob.has_magic(part)
+    matches = [part] if named else sorted(glob.glob(part))
     for path in map(pathlib.Path, matches or [part]):
-      named = not glob.has_magic(part)
       paths += _image_files(path, named) if path.is_dir() else [path]
   return paths
 
