@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import assert_adam_params_close, base_config
 from flax_mnist import plan as plan_lib
@@ -88,10 +89,14 @@ def test_eval_step_masks_padding():
   assert float(padded.correct) == float(exact.correct)
 
 
-def test_compiled_eval_step_sums_the_plans_micro_batches_like_one():
-  config = base_config(eval_batch_size=60, batch_size=60, micro_batch_size=20)
+@pytest.mark.parametrize('sizes, micro_batches', [
+    (dict(micro_batch_size=20, batch_size=60), 3),
+    (dict(batch_size=64), 2),  # Auto: train micro-batches of 32, eval ones of 30.
+])
+def test_compiled_eval_step_sums_the_plans_micro_batches_like_one(sizes, micro_batches):
+  config = base_config(eval_batch_size=60, **sizes)
   plan = _plan(config)
-  assert plan.eval_micro_batches == 3
+  assert plan.eval_micro_batches == micro_batches
   graphdef, state, _ = steps.create(config, plan)
   mesh = sharding.make_mesh()
   images, labels = _batch(60)

@@ -208,7 +208,8 @@ def test_every_mode_runs_without_tf(tmp_path, mnist_dir):
       runpy.run_module('flax_mnist.main', run_name='__main__', alter_sys=True)
       ''')
     if not mode:
-      assert 'Prepared mnist from IDX files' in result.stdout
+      assert 'Preparing mnist from IDX files' in result.stdout
+      assert 'Prepared mnist in ' in result.stdout
       assert 'Epoch 1/1 - 1000 samples - ' in result.stdout
     elif mode[0] == '--mode=predict':
       assert result.stdout.count('digit') >= 3, result.stdout

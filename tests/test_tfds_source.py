@@ -1,6 +1,7 @@
 """tfds datasets read into memory, and their offline preparation from IDX files."""
 
 import pathlib
+import re
 import socket
 import tempfile
 import time
@@ -108,13 +109,16 @@ def _tiny_idx_splits(mnist_dir):
   return {'train': (images[:30], labels[:30]), 'test': (images[30:40], labels[30:40])}
 
 
-def test_offline_preparation_says_one_line(tmp_path, mnist_dir, capfd, caplog):
+def test_offline_preparation_says_a_line_as_it_starts_and_one_when_done(tmp_path, mnist_dir,
+                                                                         capfd, caplog):
   (tmp_path / 'tfds' / 'mnist' / '3.0.1').mkdir(parents=True)  # Unprepared: tfds would warn.
   config = _config(str(tmp_path / 'tfds'), idx_dir=str(mnist_dir))
   builder = tfds_source.get_builder(config)
   prepare.ensure_prepared(config, builder, _tiny_idx_splits(mnist_dir))
   out, err = capfd.readouterr()
-  assert out == f'Prepared mnist from IDX files in {mnist_dir}\n'
+  first, last = out.splitlines()
+  assert first == f'Preparing mnist from IDX files in {mnist_dir} (once per data_dir)'
+  assert re.fullmatch(rf'Prepared mnist in {re.escape(str(builder.data_path))} \(\d+\.\ds\)', last)
   assert err == ''  # No progress bars.
   assert 'Variant folder' not in caplog.text
   assert len(tfds_source.load_split(config, 'train')) == 30

@@ -4,7 +4,8 @@ never leaves a half-made dataset behind.
 Without a network, tfds' download retries for minutes and prints dozens of lines; here the
 download hosts are probed first (seconds), a failure is one DataError line naming the cause
 whole and the fix (idx_dir), and whatever a failed preparation added to data_dir is removed.
-Offline preparation prints one line instead of tfds' progress bars and "Downloading" lines.
+Offline preparation prints a line before and one after instead of tfds' progress bars and
+"Downloading" lines.
 """
 
 import contextlib
@@ -15,6 +16,7 @@ import queue
 import shutil
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 
@@ -37,9 +39,11 @@ def ensure_prepared(config, builder, idx_splits=None) -> None:
     from flax_mnist.data import offline
     from flax_mnist.reporting.console import say
     idx_splits = idx_splits or offline.read_splits(config.idx_dir)  # Validated before writing.
+    say(f'Preparing {config.dataset} from IDX files in {config.idx_dir} (once per data_dir)')
+    began = time.perf_counter()
     with _writing(config, builder), _printing_held_back():
       offline.prepare_from_idx(builder, config.idx_dir, idx_splits, tensorflow=tensorflow)
-    say(f'Prepared {config.dataset} from IDX files in {config.idx_dir}')
+    say(f'Prepared {config.dataset} in {builder.data_path} ({time.perf_counter() - began:.1f}s)')
     return
   if not tensorflow:
     _check_downloadable_without_tensorflow(config, builder)
