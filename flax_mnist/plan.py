@@ -100,9 +100,11 @@ def conv_impl(config, backend: str, in_features: int) -> str:
 
 def micro_batch_size(config, backend: str, devices: int, conv2: str, batch: int) -> int:
   """Rows per micro-batch of a (padded) `batch`: config.micro_batch_size, or for 0 the CPU
-  policy above, the largest multiple of the device count that divides `batch` (else the whole
-  batch). Train and eval batches get theirs each: a common divisor of both can be far smaller
-  than either's best (8 for 128 and 1000), and steps of micro-batches that small are slower."""
+  policy above, the largest multiple of the device count up to its size that divides `batch`
+  (the device count itself at worst: a batch without a divisor near the size gets small
+  micro-batches), elsewhere the whole batch. Train and eval batches get theirs each: a common
+  divisor of both can be far smaller than either's best (8 for 128 and 1000), and steps of
+  micro-batches that small are slower."""
   if config.micro_batch_size:
     return config.micro_batch_size
   if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd'):
@@ -113,8 +115,8 @@ def micro_batch_size(config, backend: str, devices: int, conv2: str, batch: int)
     side = geometry.conv_sides(config.kernel_size)[1]
     patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
     per_device = max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
-  fits = [m for m in range(devices, per_device * devices + 1, devices) if batch % m == 0]
-  return max(fits) if fits else batch
+  return max(m for m in range(devices, min(per_device * devices, batch) + 1, devices)
+             if batch % m == 0)
 
 
 def _check_micro_batch(config, devices: int) -> None:

@@ -164,6 +164,15 @@ def test_workdir_that_is_a_file_on_first_run(tmp_path, mnist_dir, below):
   assert blocker.read_text() == 'a file'
 
 
+def test_workdir_that_is_a_link_to_nothing(tmp_path):
+  from flax_mnist.data import checks
+  from flax_mnist.errors import WorkdirError
+  (tmp_path / 'w').symlink_to(tmp_path / 'gone')
+  with pytest.raises(WorkdirError, match=f'{tmp_path}/w is a link to nothing, not a folder'):
+    checks.check_workdir(tmp_path / 'w' / 'run')
+  checks.check_workdir(tmp_path / 'new' / 'run')  # Not there yet: fine.
+
+
 def test_checkpoint_folder_blocked(tmp_path, prepared_data_dir):
   (tmp_path / 'w').mkdir()
   (tmp_path / 'w' / 'checkpoints').write_text('a file where the folder should be')

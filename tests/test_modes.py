@@ -109,8 +109,10 @@ def test_a_folder_stands_for_its_image_files(digit_files, tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(images_lib.ImageError, match=r'/empty: a folder without image files \(\.png'):
     images_lib.expand_paths(str(tmp_path / 'empty'))
-  # A glob adds the image files of the folders it matches, and nothing for one without any.
-  assert images_lib.expand_paths(f'{tmp_path}/*,{folder}/ol*') == [folder / 'older' / 'digit2.png']
+  # A glob names files: the folders it matches are left out.
+  assert images_lib.expand_paths(f'{tmp_path}/*,{folder}/ol*') == []
+  assert images_lib.expand_paths(f'{folder}/*.txt,{folder}/no*') == [folder / 'README.txt',
+                                                                     folder / 'notes.png']
 
 
 def test_load_image_converts_size_colour_and_inversion(digit_files):

@@ -81,6 +81,14 @@ def test_train_and_eval_batches_get_their_own_micro_batch():
   # An explicit size is both (it must divide both batches).
   plan = plan_lib.make(base_config(batch_size=128, micro_batch_size=8), 'cpu', 1)
   assert (plan.micro_batch, plan.eval_micro_batch, plan.eval_micro_batches) == (8, 8, 125)
+  # Every batch is whole micro-batches, on every backend (on GPU, batch 128 once split the eval
+  # batch of 1000 into 7 micro-batches of the train batch's size: a reshape error).
+  for backend, devices in (('cpu', 1), ('cpu', 3), ('cpu', 8), ('gpu', 1), ('tpu', 8)):
+    for batch, evaluation in ((128, 1000), (500, 1000), (99, 7), (1000, 128), (64, 60)):
+      plan = plan_lib.make(base_config(batch_size=batch, eval_batch_size=evaluation), backend,
+                           devices)
+      assert plan.micro_batch * plan.train_micro_batches == plan.train_batch, plan
+      assert plan.eval_micro_batch * plan.eval_micro_batches == plan.eval_batch, plan
 
 
 def test_pool_variant_follows_dtype():

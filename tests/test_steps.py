@@ -91,7 +91,7 @@ def test_eval_step_masks_padding():
 
 @pytest.mark.parametrize('sizes, micro_batches', [
     (dict(micro_batch_size=20, batch_size=60), 3),
-    (dict(batch_size=64), 2),  # Auto: train micro-batches of 32, eval ones of 30.
+    (dict(batch_size=350), 2),  # Auto: 7 train micro-batches of 50, 2 eval ones of 30.
 ])
 def test_compiled_eval_step_sums_the_plans_micro_batches_like_one(sizes, micro_batches):
   config = base_config(eval_batch_size=60, **sizes)

@@ -32,13 +32,21 @@ def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
 
 
 def check_workdir(workdir: str | pathlib.Path) -> None:
-  """A workdir that is a file, or lies under one, fails here in one line; later it would be a
-  traceback from the first mkdir, after the dataset was prepared."""
+  """A workdir that is a file, lies under one, is a link to nothing or cannot be reached fails
+  here in one line; later it would be a traceback from the first mkdir, after the dataset was
+  prepared."""
   path = pathlib.Path(workdir)
-  existing = next(folder for folder in (path, *path.parents) if folder.exists())
-  if not existing.is_dir():
-    raise WorkdirError(f'--workdir={workdir}: {existing} is a file, not a folder; pass another '
-                       '--workdir.')
+  try:
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if existing.is_dir():
+      return
+    what = 'a link to nothing' if existing.is_symlink() and not existing.exists() else 'a file'
+  except OSError as e:
+    cause = e.strerror or type(e).__name__
+    raise WorkdirError(f'--workdir={workdir}: cannot be reached ({cause}); pass another '
+                       '--workdir.') from None
+  raise WorkdirError(f'--workdir={workdir}: {existing} is {what}, not a folder; pass another '
+                     '--workdir.')
 
 
 def _cached(config, split_fields: tuple[str, ...]) -> bool:

@@ -20,27 +20,29 @@ class ImageError(FlaxMnistError):
 
 
 def expand_paths(spec: str) -> list[pathlib.Path]:
-  """PATH[,PATH...] where each part is a file, a folder or a glob; a part matching nothing is
-  kept (to fail as a missing file). A folder stands for the image files directly in it."""
+  """PATH[,PATH...] where each part is a file, a folder or a glob of files; a part matching
+  nothing is kept (to fail as a missing file). A folder named as a part stands for the image
+  files directly in it; folders that a glob matches are left out (`digits/*` means its files)."""
   paths = []
   for part in filter(None, (p.strip() for p in spec.split(','))):
-    named = not glob.has_magic(part)
-    matches = [part] if named else sorted(glob.glob(part))
-    for path in map(pathlib.Path, matches or [part]):
-      paths += _image_files(path, named) if path.is_dir() else [path]
+    if not glob.has_magic(part):
+      path = pathlib.Path(part)
+      paths += _image_files(path) if path.is_dir() else [path]
+      continue
+    matches = [pathlib.Path(m) for m in sorted(glob.glob(part))]
+    paths += [m for m in matches if not m.is_dir()] if matches else [pathlib.Path(part)]
   return paths
 
 
-def _image_files(folder: pathlib.Path, named: bool) -> list[pathlib.Path]:
-  """The files in `folder` with an image suffix (FOLDER_SUFFIXES), by name; a folder named on
-  the command line without any is an error (one a glob matched adds nothing)."""
+def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  """The files in `folder` with an image suffix (FOLDER_SUFFIXES), by name; none is an error."""
   try:
     files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file())
   except OSError as e:
     raise ImageError(f'{folder}: the folder cannot be listed ({type(e).__name__}); pass image '
                      'files, or a folder you can read.') from None
-  if not files and named:
+  if not files:
     raise ImageError(f'{folder}: a folder without image files ({", ".join(FOLDER_SUFFIXES)}); '
                      'pass image files, or the folder that holds them.')
   return files
