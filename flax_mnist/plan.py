@@ -74,12 +74,10 @@ class Plan:
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
     tiles = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
-    if self.eval_micro_batch == self.micro_batch:
-      micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch, '
-               f'{self.eval_micro_batches} per eval batch)')
-    else:
-      micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch), '
-               f'eval {self.eval_micro_batch} ({self.eval_micro_batches} per eval batch)')
+    evaluation = (', ' if self.eval_micro_batch == self.micro_batch
+                  else f'), eval {self.eval_micro_batch} (')
+    micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'
+             f'{evaluation}{self.eval_micro_batches} per eval batch)')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
             f'{self.conv2}, pool {self.pool}{tiles}, {micro}, {feed}{padding}{lanes}')
 

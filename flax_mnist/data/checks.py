@@ -40,7 +40,7 @@ def check_workdir(workdir: str | pathlib.Path) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     if existing.is_dir():
       return
-    what = 'a link to nothing' if existing.is_symlink() and not existing.exists() else 'a file'
+    what = 'a file' if existing.exists() else 'a link to nothing'  # Found as a link.
   except OSError as e:
     cause = e.strerror or type(e).__name__
     raise WorkdirError(f'--workdir={workdir}: cannot be reached ({cause}); pass another '
