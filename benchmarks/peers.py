@@ -14,6 +14,16 @@ os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
+def train_args(plan, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+  """A train step's batch for `plan`: (images, labels), or when the plan pads the batch, both
+  padded to its rows and the mask that leaves the padding out, as training feeds them."""
+  if not plan.train_padding:
+    return images, labels
+  from flax_mnist.data import batches
+  return next(batches.eval_batches(batches.Split(images, labels), len(labels),
+                                   padded_size=plan.train_batch))
+
+
 def make_flax_mnist(config, images, labels):
   from flax_mnist import host_memory
   host_memory.keep_freed_memory()  # As the command line does.
@@ -24,7 +34,7 @@ def make_flax_mnist(config, images, labels):
   mesh = sharding.make_mesh()
   state = jax.device_put(state, sharding.replicated(mesh))
   train = steps.jit_train_step(graphdef, tx, mesh, plan, config)
-  batch = sharding.put_batch(mesh, images, labels)
+  batch = sharding.put_batch(mesh, *train_args(plan, images, labels))
   holder = [state]
 
   def run(steps):

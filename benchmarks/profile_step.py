@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]
 
 import throughput  # noqa: E402  (sets the import path for flax_mnist and peers)
+import peers  # noqa: E402
 
 _NOT_OPS = ('$', 'Thunk', 'while', 'Pjit', 'Slinky')  # Python frames and the runtime's own.
 
@@ -66,7 +67,7 @@ def step_and_args(config, plan, evaluation: bool):
     holder[0], metrics = train(holder[0], *batch)
     return metrics
   step.lower = lambda *batch: train.lower(holder[0], *batch)
-  return step, sharding.put_batch(mesh, images, labels)
+  return step, sharding.put_batch(mesh, *peers.train_args(plan, images, labels))
 
 
 def runner(step, args):

@@ -12,7 +12,8 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   cache: 50 examples per device with a Winograd conv2; with im2col, as many as keep conv2's
   patches within a byte budget; at most that, and the most that divides the batch, for the
   train and the eval batch each (batch 128 with eval batch 1000: 32 and 50, not their common
-  8). Elsewhere the whole batch.
+  8). A batch with no such divisor near the size is padded to an even split instead (127: 3
+  micro-batches of 43, 2 rows masked). Elsewhere the whole batch.
 - pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
@@ -21,7 +22,8 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
-  masked rows that change nothing computed (batch 500 on 8 devices: 504 rows, 4 masked).
+  masked rows that change nothing computed (batch 500 on 8 devices: 504 rows, 4 masked); on
+  CPU also a batch that no good micro-batch size divides (above).
 - lanes (config.num_models, config.sweep): all trained by one step; on CPU one lane after
   another (each lane's micro-batches stay in the cache, as a single model's), elsewhere all
   lanes at once by jax.vmap (a small model leaves an accelerator mostly idle).
@@ -54,8 +56,10 @@ class Plan:
   # Inference (eval, predict) takes conv2's bias, ReLU and pool in its Winograd tiles
   # (flax_mnist/ops/winograd.py conv_relu_max_pool) instead of after its output.
   pool_in_tiles: bool
-  train_batch: int  # Global rows per train step: config.batch_size padded for the devices.
-  train_padding: int  # Masked rows among them (0 when the devices divide the batch).
+  # Global rows per train step: config.batch_size and `train_padding` masked rows, added for
+  # the devices or for whole micro-batches (batch_layout).
+  train_batch: int
+  train_padding: int
   eval_batch: int  # Global rows per eval step, likewise padded.
   micro_batch: int  # Global rows per train micro-batch.
   train_micro_batches: int
@@ -69,7 +73,8 @@ class Plan:
     """The one line printed at start."""
     feed = 'device-resident data' if self.device_data else 'host-fed'
     hosts = f' on {self.processes} processes' if self.processes > 1 else ''
-    padding = (f', batch padded to {self.train_batch} ({self.train_padding} masked rows)'
+    rows = 'row' if self.train_padding == 1 else 'rows'
+    padding = (f', batch padded to {self.train_batch} ({self.train_padding} masked {rows})'
                if self.train_padding else '')
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
@@ -96,25 +101,37 @@ def conv_impl(config, backend: str, in_features: int) -> str:
   return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
 
 
-def micro_batch_size(config, backend: str, devices: int, conv2: str, batch: int) -> int:
-  """Rows per micro-batch of a (padded) `batch`: config.micro_batch_size, or for 0 the CPU
-  policy above, the largest multiple of the device count up to its size that divides `batch`
-  (the device count itself at worst: a batch without a divisor near the size gets small
-  micro-batches), elsewhere the whole batch. Train and eval batches get theirs each: a common
-  divisor of both can be far smaller than either's best (8 for 128 and 1000), and steps of
-  micro-batches that small are slower."""
+def batch_layout(config, backend: str, devices: int, conv2: str,
+                 batch: int) -> tuple[int, int]:
+  """(rows, micro-batch size) of a batch of `batch` examples: rows is `batch` padded for the
+  devices, and padded further on CPU when no micro-batch near the policy's size divides it.
+
+  An explicit config.micro_batch_size is taken as it is. Off CPU the micro-batch is the whole
+  batch. On CPU it is the largest multiple of the device count, up to the policy's size, that
+  divides the rows, when that is at least half of an even split into the fewest micro-batches
+  of at most that size; otherwise (a prime batch, 1000 on 3 devices) the batch is padded with
+  masked rows to that even split (127 rows: 3 micro-batches of 43, not 127 of 1). Train and
+  eval batches get theirs each: a common divisor of both can be far smaller than either's best
+  (8 for 128 and 1000), and steps of micro-batches that small are slower."""
+  rows = padded_size(batch, devices)
   if config.micro_batch_size:
-    return config.micro_batch_size
+    return rows, config.micro_batch_size
   if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd'):
-    return batch
+    return rows, rows
+  size = _cpu_micro_batch_examples(config, conv2) * devices
+  divisor = max(m for m in range(devices, min(size, rows) + 1, devices) if rows % m == 0)
+  count = -(-batch // size)  # The fewest micro-batches of at most `size` rows.
+  even = padded_size(-(-batch // count), devices)
+  return (rows, divisor) if 2 * divisor >= even else (count * even, even)
+
+
+def _cpu_micro_batch_examples(config, conv2: str) -> int:
+  """Examples per device in a CPU micro-batch whose activations stay in the cache."""
   if conv2 == 'winograd':
-    per_device = _CPU_WINOGRAD_EXAMPLES
-  else:
-    side = geometry.conv_sides(config.kernel_size)[1]
-    patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
-    per_device = max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
-  return max(m for m in range(devices, min(per_device * devices, batch) + 1, devices)
-             if batch % m == 0)
+    return _CPU_WINOGRAD_EXAMPLES
+  side = geometry.conv_sides(config.kernel_size)[1]
+  patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
+  return max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
 
 
 def _check_micro_batch(config, devices: int) -> None:
@@ -141,10 +158,9 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
                       f'{config.kernel_size} (only '
                       f'{", ".join(map(str, WINOGRAD_KERNEL_SIZES))}); use conv_impl=auto or '
                       'im2col_vjp.')
-  train, evaluation = (padded_size(config.batch_size, devices),
-                       padded_size(config.eval_batch_size, devices))
-  micro = micro_batch_size(config, backend, devices, conv2, train)
-  eval_micro = micro_batch_size(config, backend, devices, conv2, evaluation)
+  train, micro = batch_layout(config, backend, devices, conv2, config.batch_size)
+  evaluation, eval_micro = batch_layout(config, backend, devices, conv2,
+                                        config.eval_batch_size)
   if config.device_data == 'auto':
     device_data = backend != 'cpu' and processes == 1
   else:

@@ -57,6 +57,9 @@ def test_flax_mnist_sides_run_on_a_small_split(monkeypatch):
   config, _ = accelerator.kernel_config_and_split('3', idx_dir='')
   run = peers.make_flax_mnist(config, split.images[:500], split.labels[:500])
   run(2)
+  # A batch the plan pads (a prime: whole micro-batches on CPU) gets its masked rows.
+  config.batch_size = 127
+  peers.make_flax_mnist(config, split.images[:127], split.labels[:127])(1)
 
 
 def test_throughput_overrides_and_the_cpu_bound_neighbour():

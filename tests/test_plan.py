@@ -49,7 +49,8 @@ def test_auto_micro_batch_size():
   assert _micro('cpu', 4) == 100  # 200 -> 100: 200 does not divide 500.
   assert _micro('cpu', 1, conv_impl='im2col_vjp') == 20
   assert _micro('cpu', 1, conv_impl='im2col_vjp', kernel_size=5) == 10
-  assert _micro('cpu', 4, conv_impl='im2col_vjp') == 20  # 84 -> 20: 40, 60, 80 do not divide 500.
+  # 84 would be 20 (40, 60, 80 do not divide 500): the batch is padded to 6 x 84 instead.
+  assert _micro('cpu', 4, conv_impl='im2col_vjp') == 84
   # bfloat16 and kernel sizes without a Winograd transform: im2col_vjp's sizes.
   assert _micro('cpu', 1, dtype='bfloat16') == 20
   assert _micro('cpu', 1, kernel_size=4) == 10
@@ -91,6 +92,29 @@ def test_train_and_eval_batches_get_their_own_micro_batch():
       assert plan.eval_micro_batch * plan.eval_micro_batches == plan.eval_batch, plan
 
 
+@pytest.mark.parametrize('devices, batch, rows, micro', [
+    (1, 127, 129, 43),  # A prime: 3 micro-batches of 43 (2 rows masked), not 127 of 1.
+    (1, 106, 108, 36),  # 2 x 53: 3 of 36, not 53 of 2.
+    (3, 1000, 1008, 144),  # 1002 rows for 3 devices are 2 x 3 x 167: 7 of 144, not 167 of 6.
+    (2, 131, 132, 66),
+    (1, 128, 128, 32),  # A divisor at least half of the even split's size is kept.
+    (1, 500, 500, 50), (8, 500, 504, 168), (1, 47, 47, 47)])
+def test_a_batch_no_good_micro_batch_divides_is_padded_to_an_even_split(devices, batch, rows,
+                                                                         micro):
+  plan = plan_lib.make(base_config(batch_size=batch, eval_batch_size=batch), 'cpu', devices)
+  assert (plan.train_batch, plan.train_padding, plan.micro_batch) == (rows, rows - batch, micro)
+  assert (plan.eval_batch, plan.eval_micro_batch) == (rows, micro)
+  assert micro % devices == 0 and micro <= 50 * devices
+  padded = f'batch padded to {rows} ({rows - batch} masked row{"s" * (rows - batch > 1)})'
+  assert (padded in plan.line()) == (rows > batch)
+  # Off CPU, and with an explicit size, only the devices pad.
+  assert plan_lib.make(base_config(batch_size=batch), 'gpu', devices).train_batch == (
+      -(-batch // devices) * devices)
+  explicit = plan_lib.make(base_config(batch_size=batch, eval_batch_size=batch,
+                                       micro_batch_size=devices), 'cpu', devices)
+  assert explicit.train_batch == -(-batch // devices) * devices
+
+
 def test_pool_variant_follows_dtype():
   assert plan_lib.make(base_config(), 'cpu', 1).pool == 'fused_cpu'
   assert plan_lib.make(base_config(), 'gpu', 1).pool == 'fused'  # No conditional on GPU.
@@ -123,7 +147,9 @@ def test_device_data_on_and_off_override_auto():
 @pytest.mark.parametrize('backend', ['cpu', 'gpu'])
 def test_batches_the_devices_do_not_divide_are_padded(backend):
   plan = plan_lib.make(base_config(eval_batch_size=900), backend, 8)  # The seed's 500 on 8.
-  assert (plan.train_batch, plan.train_padding, plan.eval_batch) == (504, 4, 904)
+  # 904 rows are 8 x 113: on CPU, where no good micro-batch divides them, 3 x 304.
+  assert (plan.train_batch, plan.train_padding, plan.eval_batch) == (
+      504, 4, 912 if backend == 'cpu' else 904)
   assert plan.micro_batch % 8 == 0 and 504 % plan.micro_batch == 0
   assert 'batch padded to 504 (4 masked rows)' in plan.line()
   plan = plan_lib.make(base_config(), backend, 4)

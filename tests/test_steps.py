@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_adam_params_close, base_config
 from flax_mnist import plan as plan_lib
 from flax_mnist import sharding, steps
-from flax_mnist.data import idx
+from flax_mnist.data import batches, idx
 
 
 def _batch(n=64, seed=0):
@@ -125,6 +125,26 @@ def test_micro_batches_change_speed_not_maths():
     assert metrics.correct == whole_metrics.correct
     # Gradients summed in another order: the same up to rounding, which Adam may amplify.
     assert_adam_params_close(jax.tree.leaves(params), jax.tree.leaves(whole_params), 1e-3)
+
+
+def test_a_batch_padded_for_even_micro_batches_trains_like_the_whole_batch():
+  """A prime batch (53) is padded on CPU to whole micro-batches (27 + 27, one masked row):
+  the real rows keep their positions and dropout draws, so one step equals the unpadded one."""
+  images, labels = _batch(53)
+  sizes = dict(batch_size=53, eval_batch_size=53)
+  config = base_config(**sizes)
+  plan = _plan(config)
+  assert plan.train_padding > 0 and plan.train_micro_batches > 1, plan
+  train, state, mesh = _compiled(config)
+  padded = batches.eval_batches(batches.Split(images, labels), 53, padded_size=plan.train_batch)
+  state, metrics = train(state, *sharding.put_batch(mesh, *next(padded)))
+  whole_params, whole_metrics = _one_step(base_config(**sizes, micro_batch_size=53),
+                                          (images, labels))
+  assert float(metrics.count) == 53 == float(whole_metrics.count)
+  np.testing.assert_allclose(metrics.loss_sum, whole_metrics.loss_sum, rtol=1e-5)
+  assert metrics.correct == whole_metrics.correct
+  assert_adam_params_close(jax.tree.leaves(jax.device_get(state.params)),
+                           jax.tree.leaves(whole_params), 1e-3)
 
 
 def test_split_micro_batches_interleaves():
