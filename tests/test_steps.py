@@ -147,6 +147,25 @@ def test_a_batch_padded_for_even_micro_batches_trains_like_the_whole_batch():
                            jax.tree.leaves(whole_params), 1e-3)
 
 
+def test_an_eval_batch_padded_for_even_micro_batches_counts_every_example_once():
+  """Eval batch 53 is 2 x 27 on CPU, one masked row per batch besides the last batch's own."""
+  from flax_mnist import loop
+  config = base_config(eval_batch_size=53)
+  plan = _plan(config)
+  assert plan.eval_batch > 53 and plan.eval_micro_batches > 1, plan
+  graphdef, state, _ = steps.create(config, plan)
+  mesh = sharding.make_mesh()
+  split = batches.Split(*_batch(200))
+  state = jax.device_put(state, sharding.replicated(mesh))
+  sums = loop.evaluate(loop.compile_eval(graphdef, state, mesh, plan), state.params, mesh, split,
+                       53, plan.eval_batch)
+  whole = steps.eval_step(graphdef, 1, state.params, split.images, split.labels,
+                          np.ones(200, np.float32))
+  assert float(sums.count) == 200
+  np.testing.assert_allclose(sums.loss_sum, whole.loss_sum, rtol=1e-5)
+  assert float(sums.correct) == float(whole.correct)
+
+
 def test_split_micro_batches_interleaves():
   x = np.arange(12)
   chunks = np.asarray(steps.split_micro_batches(x, 3))
