@@ -4,10 +4,10 @@
   python benchmarks/lanes.py --lanes 1,4,16 --config configs/k5_nodropout.py
   python benchmarks/lanes.py --lanes_per_pass 0,4     # auto (1 on CPU) against all-at-once vmap
 
-Times the compiled train step (forward, backward and Adam of every lane, batch 500 each, real
-MNIST digits) in a fresh process per block, interleaved, after warm-up; the median over
-repeats. `ratio` is the time of N lanes over N times one model's: at most 1.0 means N lanes
-in one program cost no more than N runs one after another.
+Times the compiled train step (forward, backward and Adam of every lane, the config's batch
+each: 500 in both configs; real MNIST digits) in a fresh process per block, interleaved, after
+warm-up; the median over repeats. `ratio` is the time of N lanes over N times one model's: at
+most 1.0 means N lanes in one program cost no more than N runs one after another.
 """
 
 import argparse
@@ -23,6 +23,7 @@ _CHILD = '''
 import json, sys, time
 sys.path[:0] = [{root!r}, {bench!r}]
 import jax, numpy as np
+from peers import train_args
 from throughput import benchmark_batch, load_config
 from flax_mnist import epochs, plan as plan_lib, sharding, steps
 config = load_config({config!r})
@@ -31,10 +32,11 @@ plan = plan_lib.decide(config)
 mesh = sharding.make_mesh()
 graphdef, state, tx = steps.create(config, plan)
 state = jax.device_put(state, sharding.replicated(mesh))
-images, labels = benchmark_batch(plan.train_batch)
+images, labels, *mask = train_args(plan, *benchmark_batch(config.batch_size))
 if plan.lanes > 1:
   images, labels = np.stack([images] * plan.lanes), np.stack([labels] * plan.lanes)
-batch = sharding.put_batch(mesh, images, labels, lanes=plan.lanes > 1)
+batch = (sharding.put_batch(mesh, images, labels, lanes=plan.lanes > 1)
+         + sharding.put_batch(mesh, *mask))
 step = steps.jit_train_step(graphdef, tx, mesh, plan, config).lower(state, *batch).compile()
 for _ in range(2):
   state, metrics = step(state, *batch)
@@ -44,7 +46,8 @@ for _ in range({steps}):
   state, metrics = step(state, *batch)
 jax.block_until_ready(state)
 print('RESULT', json.dumps(dict(seconds=(time.perf_counter() - began) / {steps},
-                                per_pass=plan.lanes_per_pass, line=plan.line())))
+                                per_pass=plan.lanes_per_pass, line=plan.line(),
+                                batch=config.batch_size)))
 '''
 
 
@@ -76,15 +79,16 @@ def main() -> None:
       block = time_block(args.config, *case, args.steps)
       times[case].append(block['seconds'])
       lines[case], per_passes[case] = block['line'], block['per_pass']
+      batch = block['batch']
   one = statistics.median(times[cases[0]])
-  print(f'{args.config}, batch 500 per lane, median of {args.repeats} blocks of {args.steps} '
+  print(f'{args.config}, batch {batch} per lane, median of {args.repeats} blocks of {args.steps} '
         'steps')
   print('| lanes | lanes per pass | s/step | samples/s (all lanes) | ratio to N x 1 lane |')
   print('| --- | --- | --- | --- | --- |')
   for n, per_pass in cases:
     seconds = statistics.median(times[(n, per_pass)])
     shown = per_passes[(n, per_pass)] if n > 1 else '-'
-    print(f'| {n} | {shown} | {seconds:.3f} | {500 * n / seconds:,.0f} | '
+    print(f'| {n} | {shown} | {seconds:.3f} | {batch * n / seconds:,.0f} | '
           f'{seconds / (n * one):.2f} |')
   print(lines[cases[-1]])
 

@@ -126,3 +126,13 @@ def test_ab_step_pairs_each_variant_with_the_first():
                           kernel=3, evaluation=True, rounds=2, steps=1)
   assert [line.split()[0] for line in lines] == ['a', 'b']
   assert lines[0].endswith('paired ratio to a: 1.000')
+
+
+def test_lanes_benchmark_feeds_a_padded_batch_to_every_lane(tmp_path):
+  import lanes
+  config = tmp_path / 'prime_batch.py'
+  config.write_text('from configs import base\n\n\ndef get_config():\n'
+                    '  config = base.get_config()\n  config.batch_size = 53\n  return config\n')
+  block = lanes.time_block(str(config), 2, 0, 1)
+  assert block['batch'] == 53 and block['seconds'] > 0
+  assert 'batch padded to 54 (1 masked row), 2 lanes' in block['line']
