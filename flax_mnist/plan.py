@@ -60,7 +60,8 @@ class Plan:
   # the devices or for whole micro-batches (batch_layout).
   train_batch: int
   train_padding: int
-  eval_batch: int  # Global rows per eval step, likewise padded.
+  eval_batch: int  # Global rows per eval step: config.eval_batch_size and `eval_padding`.
+  eval_padding: int
   micro_batch: int  # Global rows per train micro-batch.
   train_micro_batches: int
   eval_micro_batch: int  # Global rows per eval micro-batch.
@@ -73,9 +74,6 @@ class Plan:
     """The one line printed at start."""
     feed = 'device-resident data' if self.device_data else 'host-fed'
     hosts = f' on {self.processes} processes' if self.processes > 1 else ''
-    rows = 'row' if self.train_padding == 1 else 'rows'
-    padding = (f', batch padded to {self.train_batch} ({self.train_padding} masked {rows})'
-               if self.train_padding else '')
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
     tiles = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
@@ -84,10 +82,19 @@ class Plan:
     micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'
              f'{evaluation}{self.eval_micro_batches} per eval batch)')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
-            f'{self.conv2}, pool {self.pool}{tiles}, {micro}, {feed}{padding}{lanes}')
+            f'{self.conv2}, pool {self.pool}{tiles}, {micro}, {feed}'
+            f'{_padded("batch", self.train_batch, self.train_padding)}'
+            f'{_padded("eval batch", self.eval_batch, self.eval_padding)}{lanes}')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+
+def _padded(name: str, rows: int, padding: int) -> str:
+  """The plan line's note of a padded batch ('' for none)."""
+  if not padding:
+    return ''
+  return f', {name} padded to {rows} ({padding} masked row{"s" if padding > 1 else ""})'
 
 
 def conv_impl(config, backend: str, in_features: int) -> str:
@@ -106,13 +113,14 @@ def batch_layout(config, backend: str, devices: int, conv2: str,
   """(rows, micro-batch size) of a batch of `batch` examples: rows is `batch` padded for the
   devices, and padded further on CPU when no micro-batch near the policy's size divides it.
 
-  An explicit config.micro_batch_size is taken as it is. Off CPU the micro-batch is the whole
-  batch. On CPU it is the largest multiple of the device count, up to the policy's size, that
-  divides the rows, when that is at least half of an even split into the fewest micro-batches
-  of at most that size; otherwise (a prime batch, 1000 on 3 devices) the batch is padded with
-  masked rows to that even split (127 rows: 3 micro-batches of 43, not 127 of 1). Train and
-  eval batches get theirs each: a common divisor of both can be far smaller than either's best
-  (8 for 128 and 1000), and steps of micro-batches that small are slower."""
+  An explicit config.micro_batch_size is taken as it is. Off CPU, and on CPU with XLA's conv2,
+  the micro-batch is the whole batch. Otherwise it is the largest multiple of the device count,
+  up to the policy's size, that divides the rows, when that is at least half of an even split
+  into the fewest micro-batches of at most that size; otherwise (a prime batch, 1000 on 3
+  devices) the batch is padded with masked rows to that even split (127 rows: 3 micro-batches of
+  43, not 127 of 1). Train and eval batches get theirs each: a common divisor of both can be far
+  smaller than either's best (8 for 128 and 1000), and steps of micro-batches that small are
+  slower."""
   rows = padded_size(batch, devices)
   if config.micro_batch_size:
     return rows, config.micro_batch_size
@@ -173,6 +181,7 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
               pool=pool, pool_in_tiles=pool_in_tiles, train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
+              eval_padding=evaluation - config.eval_batch_size,
               micro_batch=micro, train_micro_batches=train // micro,
               eval_micro_batch=eval_micro, eval_micro_batches=evaluation // eval_micro,
               device_data=device_data,

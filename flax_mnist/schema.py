@@ -68,8 +68,8 @@ FIELDS = (
           resumable=True),
     Field('train_split', 'train[:55000]', 'split to train on (the seed trains on 55,000 '
           'images)', bool, "a tfds split such as 'train[:55000]'"),
-    Field('eval_split', 'test', 'split validated on after every epoch (every example, the '
-          'last batch padded and masked)', bool, "a tfds split such as 'test'", resumable=True),
+    Field('eval_split', 'test', 'split validated on after every epoch (every example once: '
+          'padding rows are masked)', bool, "a tfds split such as 'test'", resumable=True),
     # Model: the seed's Keras Sequential, layer for layer.
     Field('kernel_size', 3, 'conv kernel size (the seed\'s second run: 5)',
           lambda v: 1 <= v <= _MAX_KERNEL, f'between 1 and {_MAX_KERNEL} (two valid convs and '

@@ -168,9 +168,9 @@ def train_step(graphdef, tx, num_micro_batches, state: TrainState, images, label
   """One Adam step on a batch; returns the new state and the batch's summed metrics.
 
   Gradients are summed over micro-batches and divided by the batch size: the gradient of the
-  batch's mean loss, however the batch is split. `mask` (a batch padded for the devices) is 0
-  on padding rows, which then add nothing: real rows keep their positions, so their dropout
-  keys, and the divisor is the number of real rows.
+  batch's mean loss, however the batch is split. `mask` (a batch padded for the devices or for
+  whole micro-batches: plan.batch_layout) is 0 on padding rows, which then add nothing: real
+  rows keep their positions, so their dropout keys, and the divisor is the number of real rows.
   """
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
   example_keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(

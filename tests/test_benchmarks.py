@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, small_config
+from flax_mnist import plan as plan_lib
 from flax_mnist.data import batches, tfds_source
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
@@ -59,6 +60,7 @@ def test_flax_mnist_sides_run_on_a_small_split(monkeypatch):
   run(2)
   # A batch the plan pads (a prime: whole micro-batches on CPU) gets its masked rows.
   config.batch_size = 127
+  assert plan_lib.decide(config).train_padding
   peers.make_flax_mnist(config, split.images[:127], split.labels[:127])(1)
 
 

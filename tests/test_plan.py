@@ -105,8 +105,9 @@ def test_a_batch_no_good_micro_batch_divides_is_padded_to_an_even_split(devices,
   assert (plan.train_batch, plan.train_padding, plan.micro_batch) == (rows, rows - batch, micro)
   assert (plan.eval_batch, plan.eval_micro_batch) == (rows, micro)
   assert micro % devices == 0 and micro <= 50 * devices
-  padded = f'batch padded to {rows} ({rows - batch} masked row{"s" * (rows - batch > 1)})'
-  assert (padded in plan.line()) == (rows > batch)
+  masked = f'padded to {rows} ({rows - batch} masked row{"s" * (rows - batch > 1)})'
+  assert (f', batch {masked}' in plan.line()) == (rows > batch)
+  assert (f', eval batch {masked}' in plan.line()) == (rows > batch)
   # Off CPU, and with an explicit size, only the devices pad.
   assert plan_lib.make(base_config(batch_size=batch), 'gpu', devices).train_batch == (
       -(-batch // devices) * devices)

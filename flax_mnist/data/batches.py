@@ -35,9 +35,9 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int,
   """Yields the (images, labels) training batches of `epoch`: rows `rows` of each global batch
   of `batch_size` (default: all; a process of a multi-process run reads only its own rows).
 
-  With `padded_size` (when the device count does not divide batch_size), each global batch is
-  padded at its end to that many rows, and (images, labels, mask) are yielded: mask 0 marks the
-  padding, which the step leaves out of everything it computes.
+  With `padded_size` (when the plan pads the batch for the devices or its micro-batches), each
+  global batch is padded at its end to that many rows, and (images, labels, mask) are yielded:
+  mask 0 marks the padding, which the step leaves out of everything it computes.
   """
   order = epoch_order(len(split), seed, epoch)
   for step in range(steps_per_epoch(len(split), batch_size)):
