@@ -150,9 +150,10 @@ def _check_micro_batch(config, devices: int) -> None:
   train, evaluation = (padded_size(config.batch_size, devices),
                        padded_size(config.eval_batch_size, devices))
   if micro and (train % micro or evaluation % micro):
-    raise ConfigError(f'config.micro_batch_size={micro} must divide the batches of '
-                      f'{train} and {evaluation} rows that {devices} devices take; use a common '
-                      'divisor, or 0 for auto.')
+    on = f'{devices} devices' if devices > 1 else '1 device'
+    raise ConfigError(f'config.micro_batch_size={micro} must divide the train and eval '
+                      f'batches ({train} and {evaluation} rows on {on}); use a common divisor, '
+                      'or 0 for auto.')
 
 
 def make(config, backend: str, devices: int, processes: int = 1) -> Plan:

@@ -162,10 +162,11 @@ def test_an_explicit_micro_batch_must_split_over_devices_and_divide_the_batches(
   with pytest.raises(ConfigError,
                      match='config.micro_batch_size=20 is not divisible by the 8 devices'):
     plan_lib.make(base_config(micro_batch_size=20), 'cpu', 8)
-  with pytest.raises(ConfigError, match=r'config.micro_batch_size=16 must divide the batches '
-                     'of 504 and 1000 rows that 8 devices take'):
+  with pytest.raises(ConfigError, match=r'config.micro_batch_size=16 must divide the train '
+                     r'and eval batches \(504 and 1000 rows on 8 devices\)'):
     plan_lib.make(base_config(micro_batch_size=16), 'cpu', 8)
-  with pytest.raises(ConfigError, match='config.micro_batch_size=30 must divide'):
+  with pytest.raises(ConfigError, match=r'config.micro_batch_size=30 must divide the train '
+                     r'and eval batches \(500 and 1000 rows on 1 device\)'):
     plan_lib.make(base_config(micro_batch_size=30), 'cpu', 1)
   assert plan_lib.make(base_config(micro_batch_size=8), 'cpu', 8).train_micro_batches == 63
 
