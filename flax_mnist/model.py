@@ -33,6 +33,7 @@ class CNN(nnx.Module):
     self.relu_pool = pool.VARIANTS[plan.pool]
     self.pool_in_tiles = plan.pool_in_tiles
     self.conv_dropout = config.conv_dropout
+    self.dropout_mask_stored = plan.dropout_mask_stored
     pooled = geometry.conv_sides(config.kernel_size)[2]
     self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,
                              **common)
@@ -55,7 +56,8 @@ class CNN(nnx.Module):
     else:
       x = self.relu_pool(self.conv2(x))
     if train:
-      x = dropout.dropout(x, conv_rate, dropout_keys, layer=0)
+      x = dropout.dropout(x, conv_rate, dropout_keys, layer=0,
+                          stored_mask=self.dropout_mask_stored)
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.
     x = nnx.relu(self.dense1(x))
     if train:

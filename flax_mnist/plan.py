@@ -18,7 +18,8 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
   in float32 with a 3x3 Winograd conv2, conv2's bias, ReLU and pool are taken in its tiles
-  (pool_in_tiles; at 5x5 that measured slower).
+  (pool_in_tiles; at 5x5 that measured slower). In training there the conv dropout's mask is
+  computed in a pass of its own and stored (dropout_mask_stored; at 5x5 no gain).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
@@ -42,6 +43,10 @@ _CPU_WINOGRAD_EXAMPLES = 50  # Winograd conv2: examples per micro-batch and devi
 # Kernel sizes whose inference pools in Winograd's tiles: 5x5's 8x8 tiles make the one-pass
 # sums (676 terms per tile and channel) slower than two passes (benchmarks/RESULTS.md).
 _POOL_IN_TILES_KERNEL_SIZES = (3,)
+# Kernel sizes whose training computes the conv dropout's mask in a pass of its own on CPU: at
+# 3x3 XLA fused its hash into the pool's pass, which runs without vectors (the train step ~4%
+# faster stored); at 5x5 that pass is vectorized and storing gained nothing (RESULTS.md).
+_STORED_DROPOUT_KERNEL_SIZES = (3,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,9 @@ class Plan:
   # Inference (eval, predict) takes conv2's bias, ReLU and pool in its Winograd tiles
   # (flax_mnist/ops/winograd.py conv_relu_max_pool) instead of after its output.
   pool_in_tiles: bool
+  # Training computes the conv dropout's mask in a pass of its own and stores it
+  # (flax_mnist/ops/once.py) instead of in the pool's pass and the backward pass.
+  dropout_mask_stored: bool
   # Global rows per train step: config.batch_size and `train_padding` masked rows, added for
   # the devices or for whole micro-batches (batch_layout).
   train_batch: int
@@ -77,6 +85,7 @@ class Plan:
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
     tiles = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
+    tiles += ', dropout mask stored' if self.dropout_mask_stored else ''
     evaluation = (', ' if self.eval_micro_batch == self.micro_batch
                   else f'), eval {self.eval_micro_batch} (')
     micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'
@@ -177,16 +186,21 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   lanes = lanes_lib.count(config)
   per_pass = config.lanes_per_pass or (1 if backend == 'cpu' else lanes)
   pool = pool_variant(config, backend)
-  pool_in_tiles = (conv2 == 'winograd' and pool == 'fused_cpu'
-                   and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES)
+  winograd_cpu = conv2 == 'winograd' and pool == 'fused_cpu'
+  pool_in_tiles = winograd_cpu and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES
+  per_pass = min(per_pass, lanes)
+  # Under jax.vmap a conditional runs both branches: only for one lane per pass.
+  dropout_mask_stored = (winograd_cpu and per_pass == 1
+                         and config.kernel_size in _STORED_DROPOUT_KERNEL_SIZES)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
-              pool=pool, pool_in_tiles=pool_in_tiles, train_batch=train,
+              pool=pool, pool_in_tiles=pool_in_tiles, dropout_mask_stored=dropout_mask_stored,
+              train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               eval_padding=evaluation - config.eval_batch_size,
               micro_batch=micro, train_micro_batches=train // micro,
               eval_micro_batch=eval_micro, eval_micro_batches=evaluation // eval_micro,
               device_data=device_data,
-              lanes=lanes, lanes_per_pass=min(per_pass, lanes))
+              lanes=lanes, lanes_per_pass=per_pass)
 
 
 def pool_variant(config, backend: str) -> str:

@@ -11,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from flax_mnist import schema
-from flax_mnist.ops import conv, dropout, pool, winograd
+from flax_mnist.ops import conv, dropout, once, pool, winograd
 
 
 def _keys(seed, n=4):
@@ -23,6 +23,25 @@ def test_dropout_rate_and_scaling():
   out = dropout.dropout(jnp.ones((200, 1000)), 0.25, keys, layer=0)
   assert abs(float((out == 0).mean()) - 0.25) < 0.01
   np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.75], rtol=1e-6)
+
+
+@pytest.mark.parametrize('traced_rate', [False, True])
+def test_a_stored_dropout_mask_gives_the_same_values_and_gradient(traced_rate):
+  """The plan's stored mask (once.computed_once: a conditional XLA keeps, its integer keys
+  compared as a float, which XLA cannot fold) changes where the mask is computed, not what."""
+  keys = jax.random.split(jax.random.key(3), 6)
+  x = jax.random.uniform(jax.random.key(4), (6, 12, 12, 8))
+  rate = jnp.float32(0.3) if traced_rate else 0.25  # A sweep's rate is traced.
+
+  def value_and_grad(stored):
+    def loss(x, keys, *traced):
+      return (dropout.dropout(x, *(traced or (rate,)), keys, 0, stored_mask=stored) ** 2).sum()
+    args = (x, keys) + ((rate,) if traced_rate else ())
+    return jax.jit(jax.value_and_grad(loss)).lower(*args).compile(), args
+  (stored, args), (fused, _) = value_and_grad(True), value_and_grad(False)
+  assert 'conditional(' in stored.as_text() and 'conditional(' not in fused.as_text()
+  for got, want in zip(stored(*args), fused(*args)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_dropout_bits_are_uniform_and_independent():
@@ -87,14 +106,14 @@ def test_relu_max_pool_equals_relu_then_pool_with_first_max_gradient():
 
 def test_cpu_pool_gradient_stores_its_pooled_size_work():
   """The CPU variant's speed rests on XLA keeping a conditional it cannot fuse through
-  (pool.computed_once); if a new XLA removed it, this says so (the values stay right)."""
+  (once.computed_once); if a new XLA removed it, this says so (the values stay right)."""
   x, dy = jnp.ones((2, 8, 8, 4)), jnp.ones((2, 4, 4, 4))
   hlo = jax.jit(lambda x, dy: jax.vjp(pool.relu_max_pool_2x2_cpu, x)[1](dy)[0]).lower(
       x, dy).compile().as_text()
   assert 'conditional(' in hlo
   nan = jnp.full((3,), jnp.nan)  # The predicate is false for NaN: the other branch, same fn.
-  np.testing.assert_array_equal(pool.computed_once(lambda a: a * 2, nan), nan)
-  np.testing.assert_array_equal(pool.computed_once(lambda a: a * 2, jnp.arange(3.0)),
+  np.testing.assert_array_equal(once.computed_once(lambda a: a * 2, nan), nan)
+  np.testing.assert_array_equal(once.computed_once(lambda a: a * 2, jnp.arange(3.0)),
                                 [0.0, 2.0, 4.0])
 
 

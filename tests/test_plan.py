@@ -130,6 +130,16 @@ def test_inference_pools_in_winograd_tiles_only_for_3x3_float32_on_cpu():
     assert not plan_lib.make(config, backend, 1).pool_in_tiles
 
 
+def test_training_stores_the_dropout_mask_only_for_3x3_winograd_on_cpu_one_lane_a_pass():
+  assert plan_lib.make(base_config(), 'cpu', 1).dropout_mask_stored
+  assert plan_lib.make(base_config(num_models=3), 'cpu', 1).dropout_mask_stored  # lax.map
+  for config, backend in [(base_config(kernel_size=5), 'cpu'), (base_config(), 'gpu'),
+                          (base_config(), 'tpu'), (base_config(dtype='bfloat16'), 'cpu'),
+                          (base_config(conv_impl='im2col_vjp'), 'cpu'),
+                          (base_config(num_models=3, lanes_per_pass=3), 'cpu')]:
+    assert not plan_lib.make(config, backend, 1).dropout_mask_stored, config
+
+
 @pytest.mark.parametrize('backend, devices, processes, expected', [
     ('gpu', 1, 1, True), ('tpu', 4, 1, True), ('cpu', 1, 1, False), ('cpu', 4, 1, False),
     ('gpu', 4, 2, False), ('tpu', 4, 4, False)])
@@ -184,7 +194,8 @@ def test_line_names_every_decision():
   line = plan_lib.make(base_config(), 'cpu', 1).line()
   assert line.startswith('Plan: cpu x1 - ')
   for part in ('conv1 im2col_vjp', 'conv2 winograd',
-               "pool fused_cpu (in conv2's tiles for inference)", 'micro-batch 50',
+               "pool fused_cpu (in conv2's tiles for inference), dropout mask stored",
+               'micro-batch 50',
                '10 per train batch', '20 per eval batch', 'host-fed'):
     assert part in line, (part, line)
   line = plan_lib.make(base_config(), 'gpu', 4, 2).line()

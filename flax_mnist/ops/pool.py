@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_mnist.ops import once
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """Keras' MaxPool2D(2) on NHWC with even sides: the elementwise maximum of each window's four
@@ -79,24 +81,9 @@ def _routed(position, dy):
   return position.astype(jnp.int8), jnp.where(position < 4, dy, jnp.zeros((), dy.dtype))
 
 
-def computed_once(fn, *args):
-  """fn(*args), computed once and stored, for consumers XLA would otherwise recompute it in.
-
-  XLA's CPU compiler fuses a cheap producer into each of its consumers, recomputing it once per
-  element of the consumer: in the pool's backward pass, each pooled element's window position
-  (four compares of the conv output) and its gradient (the dropout mask's hash) were computed
-  four times over in each of two full-size consumers. `lax.optimization_barrier` does not stop
-  that (the CPU pipeline removes barriers before fusion), but a conditional's results are
-  stored. Both branches are `fn`, so its predicate (some traced value) changes nothing. Not for
-  GPU, where a conditional reads its predicate back to the host.
-  """
-  probe = jax.tree.leaves(args)[-1].ravel()[0]
-  return lax.cond(probe == probe, fn, fn, *args)
-
-
 @jax.custom_vjp
 def relu_max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
-  """relu_max_pool_2x2 with its backward pass's pooled-size work done once (computed_once):
+  """relu_max_pool_2x2 with its backward pass's pooled-size work done once (once.computed_once):
   the same values and gradient; the base config's CPU train step about 8% faster
   (benchmarks/RESULTS.md)."""
   return relu_max_pool_2x2(x)
@@ -104,7 +91,7 @@ def relu_max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
 
 def _relu_max_pool_cpu_bwd(residuals, dy):
   position, x_dtype = residuals
-  position, dy = computed_once(_routed, position, dy)
+  position, dy = once.computed_once(_routed, position, dy)
   return _relu_max_pool_bwd((position, x_dtype), dy)
 
 
