@@ -18,8 +18,9 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
   in float32 with a 3x3 Winograd conv2, conv2's bias, ReLU and pool are taken in its tiles
-  (pool_in_tiles; at 5x5 that measured slower). In training there the conv dropout's mask is
-  computed in a pass of its own and stored (dropout_mask_stored; at 5x5 no gain).
+  (pool_in_tiles; at 5x5 that measured slower). In training there, on one device and one lane
+  a pass, the conv dropout's mask is computed in a pass of its own and stored
+  (dropout_mask_stored; at 5x5 no gain).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
@@ -44,8 +45,9 @@ _CPU_WINOGRAD_EXAMPLES = 50  # Winograd conv2: examples per micro-batch and devi
 # sums (676 terms per tile and channel) slower than two passes (benchmarks/RESULTS.md).
 _POOL_IN_TILES_KERNEL_SIZES = (3,)
 # Kernel sizes whose training computes the conv dropout's mask in a pass of its own on CPU: at
-# 3x3 XLA fused its hash into the pool's pass, which runs without vectors (the train step ~4%
-# faster stored); at 5x5 that pass is vectorized and storing gained nothing (RESULTS.md).
+# 3x3 the hash, which XLA fused into the pool's pass, cost there about ten times what it cost
+# in the backward pass (as if that pass ran without vectors); stored, the train step is ~3-4%
+# faster. At 5x5 storing gained nothing (benchmarks/RESULTS.md).
 _STORED_DROPOUT_KERNEL_SIZES = (3,)
 
 
@@ -84,14 +86,14 @@ class Plan:
     hosts = f' on {self.processes} processes' if self.processes > 1 else ''
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
-    tiles = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
-    tiles += ', dropout mask stored' if self.dropout_mask_stored else ''
+    pool_notes = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
+    pool_notes += ', dropout mask stored' if self.dropout_mask_stored else ''
     evaluation = (', ' if self.eval_micro_batch == self.micro_batch
                   else f'), eval {self.eval_micro_batch} (')
     micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'
              f'{evaluation}{self.eval_micro_batches} per eval batch)')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
-            f'{self.conv2}, pool {self.pool}{tiles}, {micro}, {feed}'
+            f'{self.conv2}, pool {self.pool}{pool_notes}, {micro}, {feed}'
             f'{_padded("batch", self.train_batch, self.train_padding)}'
             f'{_padded("eval batch", self.eval_batch, self.eval_padding)}{lanes}')
 
@@ -189,11 +191,9 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   winograd_cpu = conv2 == 'winograd' and pool == 'fused_cpu'
   pool_in_tiles = winograd_cpu and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES
   per_pass = min(per_pass, lanes)
-  # Under jax.vmap a conditional runs both branches: only for one lane per pass.
-  dropout_mask_stored = (winograd_cpu and per_pass == 1
-                         and config.kernel_size in _STORED_DROPOUT_KERNEL_SIZES)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
-              pool=pool, pool_in_tiles=pool_in_tiles, dropout_mask_stored=dropout_mask_stored,
+              pool=pool, pool_in_tiles=pool_in_tiles,
+              dropout_mask_stored=_stores_dropout_mask(config, winograd_cpu, devices, per_pass),
               train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               eval_padding=evaluation - config.eval_batch_size,
@@ -201,6 +201,18 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
               eval_micro_batch=eval_micro, eval_micro_batches=evaluation // eval_micro,
               device_data=device_data,
               lanes=lanes, lanes_per_pass=per_pass)
+
+
+def _stores_dropout_mask(config, winograd_cpu: bool, devices: int, per_pass: int) -> bool:
+  """Whether training computes the conv dropout's mask in a pass of its own (ops/once.py):
+  measured faster with a 3x3 Winograd conv2 on one CPU device, one lane a pass. Not under
+  jax.vmap (several lanes a pass), where a conditional runs both branches; not over several
+  devices, where its predicate, read from one device's rows, is sent to all in every
+  micro-batch (not measured)."""
+  swept = [name for name, _ in lanes_lib.parse_sweep(config.sweep)]
+  dropout = config.conv_dropout > 0 or 'conv_dropout' in swept
+  return (winograd_cpu and dropout and devices == 1 and per_pass == 1
+          and config.kernel_size in _STORED_DROPOUT_KERNEL_SIZES)
 
 
 def pool_variant(config, backend: str) -> str:

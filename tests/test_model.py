@@ -1,6 +1,8 @@
 """The Flax CNN: Keras' parameter counts, shapes, initializers, dropout in training, and that
 the plan's kernels and pool change how it computes, not what."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,22 @@ def test_dropout_mask_is_per_example():
   whole = model(x, train=True, dropout_keys=keys)
   halves = [model(x[i:i + 2], train=True, dropout_keys=keys[i:i + 2]) for i in (0, 2)]
   np.testing.assert_allclose(whole, np.concatenate(halves), atol=1e-6)
+
+
+def test_the_plan_decides_where_the_conv_dropout_mask_is_computed():
+  """dropout_mask_stored adds one conditional to the training forward (ops/once.py), nothing
+  to inference, and changes no value."""
+  config = base_config()
+  x = jax.random.uniform(jax.random.key(1), (4, 784))
+  out, conds = {}, {}
+  for stored in (True, False):
+    plan = dataclasses.replace(plan_lib.make(config, 'cpu', 1), dropout_mask_stored=stored)
+    model = model_lib.CNN(config, plan, rngs=nnx.Rngs(params=0))
+    train = lambda x: model(x, train=True, dropout_keys=_keys(2))
+    conds[stored] = [str(jax.make_jaxpr(f)(x)).count('cond[') for f in (train, model)]
+    out[stored] = jax.jit(train)(x)
+  assert conds[True] == [conds[False][0] + 1, conds[False][1]]
+  np.testing.assert_array_equal(out[True], out[False])
 
 
 def test_no_dropout_config_is_deterministic_in_training():

@@ -136,8 +136,13 @@ def test_training_stores_the_dropout_mask_only_for_3x3_winograd_on_cpu_one_lane_
   for config, backend in [(base_config(kernel_size=5), 'cpu'), (base_config(), 'gpu'),
                           (base_config(), 'tpu'), (base_config(dtype='bfloat16'), 'cpu'),
                           (base_config(conv_impl='im2col_vjp'), 'cpu'),
-                          (base_config(num_models=3, lanes_per_pass=3), 'cpu')]:
+                          (base_config(num_models=3, lanes_per_pass=3), 'cpu'),
+                          (base_config(conv_dropout=0.0), 'cpu')]:
     assert not plan_lib.make(config, backend, 1).dropout_mask_stored, config
+    assert 'dropout mask stored' not in plan_lib.make(config, backend, 1).line()
+  assert not plan_lib.make(base_config(), 'cpu', 2).dropout_mask_stored  # Not measured.
+  swept = base_config(conv_dropout=0.0, sweep='conv_dropout=0.0,0.25')
+  assert plan_lib.make(swept, 'cpu', 1).dropout_mask_stored
 
 
 @pytest.mark.parametrize('backend, devices, processes, expected', [

@@ -43,9 +43,9 @@ def dropout(x: jax.Array, rate, keys: jax.Array, layer: int,
 
   `rate` is a Python float, or a traced float32 scalar where lanes of a sweep differ in it
   (its threshold is then rounded in float32: a mask differs from the Python float's on about
-  one element in 10^7). `stored_mask` (the plan's choice) computes the mask in a pass of its
-  own and stores it (once.computed_once) instead of in the passes that read it; the same
-  values either way."""
+  one element in 10^7). `stored_mask` (the plan's choice, for CPU only) computes the mask in a
+  pass of its own and stores it (once.computed_once) instead of in the passes that read it;
+  the same values either way."""
   if isinstance(rate, (int, float)):
     if rate == 0:
       return x

@@ -9,15 +9,15 @@ def computed_once(fn, *args):
   """fn(*args), computed once and stored, for consumers XLA would otherwise recompute it in.
 
   XLA's CPU compiler fuses a cheap producer into each of its consumers, recomputing it once per
-  element of the consumer, and in the consumer's loop, which may run without vectors: in the
-  pool's backward pass, each pooled element's window position (four compares of the conv
-  output) and its gradient were computed four times over in each of two full-size consumers;
-  in the forward pass at k=3 the conv dropout's hash ran one element at a time inside the
-  pool's pass. `lax.optimization_barrier` does not stop that (the CPU pipeline removes
-  barriers before fusion), but a conditional's results are stored. Both branches are `fn`, so
-  its predicate changes nothing; it compares a float drawn from the last argument with itself,
-  which XLA cannot fold away (it is false for NaN), as it would an integer's. Not for GPU,
-  where a conditional reads its predicate back to the host.
+  element of the consumer, inside the consumer's loop: in the pool's backward pass, each pooled
+  element's window position (four compares of the conv output) and its gradient were computed
+  four times over in each of two full-size consumers; in the forward pass at k=3 the conv
+  dropout's hash, fused into the pool's pass, cost about ten times what it cost elsewhere, as if
+  that pass ran without vectors. `lax.optimization_barrier` does not stop that (the CPU pipeline
+  removes barriers before fusion), but a conditional's results are stored. Both branches are
+  `fn`, so its predicate changes nothing; it compares a float drawn from the last argument with
+  itself, which XLA cannot fold away (it is false for NaN), as it would an integer's. Not for
+  GPU, where a conditional reads its predicate back to the host.
   """
   leaf = jax.tree.leaves(args)[-1]
   if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
