@@ -136,9 +136,10 @@ def test_a_batch_padded_for_even_micro_batches_trains_like_the_whole_batch():
   config = base_config(**sizes)
   plan = _plan(config)
   assert plan.train_padding > 0 and plan.train_micro_batches > 1, plan
+  padded = next(batches.eval_batches(batches.Split(images, labels), 53,
+                                     padded_size=plan.train_batch))
   train, state, mesh = _compiled(config)
-  padded = batches.eval_batches(batches.Split(images, labels), 53, padded_size=plan.train_batch)
-  state, metrics = train(state, *sharding.put_batch(mesh, *next(padded)))
+  state, metrics = train(state, *sharding.put_batch(mesh, *padded))
   whole_params, whole_metrics = _one_step(base_config(**sizes, micro_batch_size=53),
                                           (images, labels))
   assert float(metrics.count) == 53 == float(whole_metrics.count)
@@ -151,8 +152,6 @@ def test_a_batch_padded_for_even_micro_batches_trains_like_the_whole_batch():
   graphdef, fresh, _ = steps.create(config, plan)
   sgd = optax.sgd(1.0)
   fresh = fresh.replace(opt_state=sgd.init(fresh.params))
-  padded = next(batches.eval_batches(batches.Split(images, labels), 53,
-                                     padded_size=plan.train_batch))
   by_micro_batches, _ = steps.train_step(graphdef, sgd, plan.train_micro_batches, fresh, *padded)
   whole, _ = steps.train_step(graphdef, sgd, 1, fresh, images, labels)
   for got, want, before in zip(*(jax.tree.leaves(s.params)
