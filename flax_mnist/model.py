@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_mnist import geometry
-from flax_mnist.ops import conv, dropout, pool, winograd
+from flax_mnist.ops import conv, dropout, once, pool, winograd
 
 _KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras' default for Conv2D and Dense.
 _BIAS_INIT = nnx.initializers.zeros_init()
@@ -33,7 +33,7 @@ class CNN(nnx.Module):
     self.relu_pool = pool.VARIANTS[plan.pool]
     self.pool_in_tiles = plan.pool_in_tiles
     self.conv_dropout = config.conv_dropout
-    self.dropout_mask_stored = plan.dropout_mask_stored
+    self.pooled_stored = plan.pooled_stored
     pooled = geometry.conv_sides(config.kernel_size)[2]
     self.dense1 = nnx.Linear(pooled * pooled * config.conv2_features, config.dense_features,
                              **common)
@@ -53,11 +53,15 @@ class CNN(nnx.Module):
     if self.pool_in_tiles and not train:  # Forward only: no written gradient.
       x = winograd.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...],
                                       self.conv2.precision)
+    elif train:
+      def pool_and_dropout(keys, x):
+        return dropout.dropout(self.relu_pool(x), conv_rate, keys, layer=0)
+      x = self.conv2(x)
+      # The plan's pooled_stored: in a pass of its own, not in the flatten's (ops/once.py).
+      x = (once.computed_once(pool_and_dropout, dropout_keys, x) if self.pooled_stored
+           else pool_and_dropout(dropout_keys, x))
     else:
       x = self.relu_pool(self.conv2(x))
-    if train:
-      x = dropout.dropout(x, conv_rate, dropout_keys, layer=0,
-                          stored_mask=self.dropout_mask_stored)
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.
     x = nnx.relu(self.dense1(x))
     if train:

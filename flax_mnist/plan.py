@@ -18,9 +18,9 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
   in float32 with a 3x3 Winograd conv2, conv2's bias, ReLU and pool are taken in its tiles
-  (pool_in_tiles; at 5x5 that measured slower). In training there, on one device and one lane
-  a pass, the conv dropout's mask is computed in a pass of its own and stored
-  (dropout_mask_stored; at 5x5 no gain).
+  (pool_in_tiles; at 5x5 that measured slower). In training there, in one process and one
+  lane a pass, the ReLU, pool and conv dropout are computed in a pass of their own and stored
+  (pooled_stored; at 5x5 no gain).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
@@ -44,11 +44,11 @@ _CPU_WINOGRAD_EXAMPLES = 50  # Winograd conv2: examples per micro-batch and devi
 # Kernel sizes whose inference pools in Winograd's tiles: 5x5's 8x8 tiles make the one-pass
 # sums (676 terms per tile and channel) slower than two passes (benchmarks/RESULTS.md).
 _POOL_IN_TILES_KERNEL_SIZES = (3,)
-# Kernel sizes whose training computes the conv dropout's mask in a pass of its own on CPU: at
-# 3x3 the hash, which XLA fused into the pool's pass, cost there about ten times what it cost
-# in the backward pass (as if that pass ran without vectors); stored, the train step is ~3-4%
-# faster. At 5x5 storing gained nothing (benchmarks/RESULTS.md).
-_STORED_DROPOUT_KERNEL_SIZES = (3,)
+# Kernel sizes whose training computes the ReLU, pool and conv dropout in a pass of their own
+# on CPU: at 3x3 XLA fused them into a pass that wrote the flattened rows the dense layer
+# reads, and that pass ran about five times slower than the same work written in NHWC;
+# stored, the train step is ~7% faster. At 5x5 no gain (benchmarks/RESULTS.md).
+_POOLED_STORED_KERNEL_SIZES = (3,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,9 @@ class Plan:
   # Inference (eval, predict) takes conv2's bias, ReLU and pool in its Winograd tiles
   # (flax_mnist/ops/winograd.py conv_relu_max_pool) instead of after its output.
   pool_in_tiles: bool
-  # Training computes the conv dropout's mask in a pass of its own and stores it
-  # (flax_mnist/ops/once.py) instead of in the pool's pass and the backward pass.
-  dropout_mask_stored: bool
+  # Training computes conv2's ReLU, pool and dropout in a pass of their own and stores the
+  # result (flax_mnist/ops/once.py) instead of in the pass that writes the flattened rows.
+  pooled_stored: bool
   # Global rows per train step: config.batch_size and `train_padding` masked rows, added for
   # the devices or for whole micro-batches (batch_layout).
   train_batch: int
@@ -87,7 +87,7 @@ class Plan:
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
     pool_notes = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
-    pool_notes += ', dropout mask stored' if self.dropout_mask_stored else ''
+    pool_notes += ', pooled output stored' if self.pooled_stored else ''
     evaluation = (', ' if self.eval_micro_batch == self.micro_batch
                   else f'), eval {self.eval_micro_batch} (')
     micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'
@@ -193,7 +193,7 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   per_pass = min(per_pass, lanes)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
               pool=pool, pool_in_tiles=pool_in_tiles,
-              dropout_mask_stored=_stores_dropout_mask(config, winograd_cpu, devices, per_pass),
+              pooled_stored=_stores_pooled(config, winograd_cpu, processes, per_pass),
               train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               eval_padding=evaluation - config.eval_batch_size,
@@ -203,16 +203,14 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
               lanes=lanes, lanes_per_pass=per_pass)
 
 
-def _stores_dropout_mask(config, winograd_cpu: bool, devices: int, per_pass: int) -> bool:
-  """Whether training computes the conv dropout's mask in a pass of its own (ops/once.py):
-  measured faster with a 3x3 Winograd conv2 on one CPU device, one lane a pass. Not under
-  jax.vmap (several lanes a pass), where a conditional runs both branches; not over several
-  devices, where its predicate, read from one device's rows, is sent to all in every
-  micro-batch (not measured)."""
-  swept = [name for name, _ in lanes_lib.parse_sweep(config.sweep)]
-  dropout = config.conv_dropout > 0 or 'conv_dropout' in swept
-  return (winograd_cpu and dropout and devices == 1 and per_pass == 1
-          and config.kernel_size in _STORED_DROPOUT_KERNEL_SIZES)
+def _stores_pooled(config, winograd_cpu: bool, processes: int, per_pass: int) -> bool:
+  """Whether training computes conv2's ReLU, pool and dropout in a pass of their own
+  (ops/once.py): measured faster with a 3x3 Winograd conv2 on 1, 2 and 4 CPU devices of one
+  process, one lane a pass. Not under jax.vmap (several lanes a pass), where a conditional
+  runs both branches; not over several processes, where its predicate, read from one
+  device's rows, would cross hosts in every micro-batch (not measured)."""
+  return (winograd_cpu and processes == 1 and per_pass == 1
+          and config.kernel_size in _POOLED_STORED_KERNEL_SIZES)
 
 
 def pool_variant(config, backend: str) -> str:

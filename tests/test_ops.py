@@ -25,25 +25,6 @@ def test_dropout_rate_and_scaling():
   np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.75], rtol=1e-6)
 
 
-@pytest.mark.parametrize('traced_rate', [False, True])
-def test_a_stored_dropout_mask_gives_the_same_values_and_gradient(traced_rate):
-  """The plan's stored mask (once.computed_once: a conditional XLA keeps, its integer keys
-  compared as a float, which XLA cannot fold) changes where the mask is computed, not what."""
-  keys = jax.random.split(jax.random.key(3), 6)
-  x = jax.random.uniform(jax.random.key(4), (6, 12, 12, 8))
-  rate = jnp.float32(0.3) if traced_rate else 0.25  # A sweep's rate is traced.
-
-  def value_and_grad(stored):
-    def loss(x, keys, *traced):
-      return (dropout.dropout(x, *(traced or (rate,)), keys, 0, stored_mask=stored) ** 2).sum()
-    args = (x, keys) + ((rate,) if traced_rate else ())
-    return jax.jit(jax.value_and_grad(loss)).lower(*args).compile(), args
-  (stored, args), (fused, _) = value_and_grad(True), value_and_grad(False)
-  assert 'conditional(' in stored.as_text() and 'conditional(' not in fused.as_text()
-  for got, want in zip(stored(*args), fused(*args)):
-    np.testing.assert_array_equal(got, want)
-
-
 def test_dropout_bits_are_uniform_and_independent():
   keys = _keys(0, 64)
   bits = np.asarray(dropout.dropout_bits(keys, 0, (12, 12, 64)), np.float64) / 2 ** 32

@@ -130,19 +130,19 @@ def test_inference_pools_in_winograd_tiles_only_for_3x3_float32_on_cpu():
     assert not plan_lib.make(config, backend, 1).pool_in_tiles
 
 
-def test_training_stores_the_dropout_mask_only_for_3x3_winograd_on_cpu_one_lane_a_pass():
-  assert plan_lib.make(base_config(), 'cpu', 1).dropout_mask_stored
-  assert plan_lib.make(base_config(num_models=3), 'cpu', 1).dropout_mask_stored  # lax.map
+def test_training_stores_the_pooled_output_only_for_3x3_winograd_on_cpu_one_lane_a_pass():
+  for config, devices in [(base_config(), 1), (base_config(), 4),
+                          (base_config(num_models=3), 1),  # lax.map: one lane a pass.
+                          (base_config(conv_dropout=0.0), 1)]:
+    assert plan_lib.make(config, 'cpu', devices).pooled_stored, config
+    assert 'pooled output stored' in plan_lib.make(config, 'cpu', devices).line()
   for config, backend in [(base_config(kernel_size=5), 'cpu'), (base_config(), 'gpu'),
                           (base_config(), 'tpu'), (base_config(dtype='bfloat16'), 'cpu'),
                           (base_config(conv_impl='im2col_vjp'), 'cpu'),
-                          (base_config(num_models=3, lanes_per_pass=3), 'cpu'),
-                          (base_config(conv_dropout=0.0), 'cpu')]:
-    assert not plan_lib.make(config, backend, 1).dropout_mask_stored, config
-    assert 'dropout mask stored' not in plan_lib.make(config, backend, 1).line()
-  assert not plan_lib.make(base_config(), 'cpu', 2).dropout_mask_stored  # Not measured.
-  swept = base_config(conv_dropout=0.0, sweep='conv_dropout=0.0,0.25')
-  assert plan_lib.make(swept, 'cpu', 1).dropout_mask_stored
+                          (base_config(num_models=3, lanes_per_pass=3), 'cpu')]:
+    assert not plan_lib.make(config, backend, 1).pooled_stored, config
+    assert 'pooled output stored' not in plan_lib.make(config, backend, 1).line()
+  assert not plan_lib.make(base_config(), 'cpu', 4, 2).pooled_stored  # Not measured.
 
 
 @pytest.mark.parametrize('backend, devices, processes, expected', [
@@ -199,7 +199,7 @@ def test_line_names_every_decision():
   line = plan_lib.make(base_config(), 'cpu', 1).line()
   assert line.startswith('Plan: cpu x1 - ')
   for part in ('conv1 im2col_vjp', 'conv2 winograd',
-               "pool fused_cpu (in conv2's tiles for inference), dropout mask stored",
+               "pool fused_cpu (in conv2's tiles for inference), pooled output stored",
                'micro-batch 50',
                '10 per train batch', '20 per eval batch', 'host-fed'):
     assert part in line, (part, line)

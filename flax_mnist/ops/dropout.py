@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_mnist.ops import once
-
 
 def _mix32(x: jax.Array) -> jax.Array:
   """murmur3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
@@ -36,16 +34,13 @@ def dropout_bits(keys: jax.Array, layer: int, shape: tuple) -> jax.Array:
   return _mix32(_mix32(index ^ words[:, 0][expand]) + words[:, -1][expand])
 
 
-def dropout(x: jax.Array, rate, keys: jax.Array, layer: int,
-            stored_mask: bool = False) -> jax.Array:
+def dropout(x: jax.Array, rate, keys: jax.Array, layer: int) -> jax.Array:
   """Inverted dropout (as Keras) with one key per example, so each example's mask is the same
   however the batch is split into micro-batches or over devices.
 
   `rate` is a Python float, or a traced float32 scalar where lanes of a sweep differ in it
   (its threshold is then rounded in float32: a mask differs from the Python float's on about
-  one element in 10^7). `stored_mask` (the plan's choice, for CPU only) computes the mask in a
-  pass of its own and stores it (once.computed_once) instead of in the passes that read it;
-  the same values either way."""
+  one element in 10^7)."""
   if isinstance(rate, (int, float)):
     if rate == 0:
       return x
@@ -53,6 +48,4 @@ def dropout(x: jax.Array, rate, keys: jax.Array, layer: int,
   else:
     threshold = (rate.astype(jnp.float32) * 2.0 ** 32).astype(jnp.uint32)
     divisor = (1 - rate).astype(x.dtype)
-  mask = lambda keys: dropout_bits(keys, layer, x.shape[1:]) >= threshold
-  keep = once.computed_once(mask, keys) if stored_mask else mask(keys)
-  return jnp.where(keep, x / divisor, 0)
+  return jnp.where(dropout_bits(keys, layer, x.shape[1:]) >= threshold, x / divisor, 0)
