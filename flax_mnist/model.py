@@ -57,7 +57,8 @@ class CNN(nnx.Module):
       def pool_and_dropout(keys, x):
         return dropout.dropout(self.relu_pool(x), conv_rate, keys, layer=0)
       x = self.conv2(x)
-      # The plan's pooled_stored: in a pass of its own, not in the flatten's (ops/once.py).
+      # The plan's pooled_stored: in a pass of its own, not in the flatten's (ops/once.py;
+      # x, a float array, last: the conditional's probe).
       x = (once.computed_once(pool_and_dropout, dropout_keys, x) if self.pooled_stored
            else pool_and_dropout(dropout_keys, x))
     else:

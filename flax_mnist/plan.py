@@ -87,7 +87,7 @@ class Plan:
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
     pool_notes = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
-    pool_notes += ', pooled output stored' if self.pooled_stored else ''
+    pool_notes += ', pooled output stored in training' if self.pooled_stored else ''
     evaluation = (', ' if self.eval_micro_batch == self.micro_batch
                   else f'), eval {self.eval_micro_batch} (')
     micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'

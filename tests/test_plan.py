@@ -135,7 +135,7 @@ def test_training_stores_the_pooled_output_only_for_3x3_winograd_on_cpu_one_lane
                           (base_config(num_models=3), 1),  # lax.map: one lane a pass.
                           (base_config(conv_dropout=0.0), 1)]:
     assert plan_lib.make(config, 'cpu', devices).pooled_stored, config
-    assert 'pooled output stored' in plan_lib.make(config, 'cpu', devices).line()
+    assert 'pooled output stored in training' in plan_lib.make(config, 'cpu', devices).line()
   for config, backend in [(base_config(kernel_size=5), 'cpu'), (base_config(), 'gpu'),
                           (base_config(), 'tpu'), (base_config(dtype='bfloat16'), 'cpu'),
                           (base_config(conv_impl='im2col_vjp'), 'cpu'),
@@ -199,7 +199,7 @@ def test_line_names_every_decision():
   line = plan_lib.make(base_config(), 'cpu', 1).line()
   assert line.startswith('Plan: cpu x1 - ')
   for part in ('conv1 im2col_vjp', 'conv2 winograd',
-               "pool fused_cpu (in conv2's tiles for inference), pooled output stored",
+               "pool fused_cpu (in conv2's tiles for inference), pooled output stored in training",
                'micro-batch 50',
                '10 per train batch', '20 per eval batch', 'host-fed'):
     assert part in line, (part, line)
