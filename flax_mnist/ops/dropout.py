@@ -48,4 +48,5 @@ def dropout(x: jax.Array, rate, keys: jax.Array, layer: int) -> jax.Array:
   else:
     threshold = (rate.astype(jnp.float32) * 2.0 ** 32).astype(jnp.uint32)
     divisor = (1 - rate).astype(x.dtype)
-  return jnp.where(dropout_bits(keys, layer, x.shape[1:]) >= threshold, x / divisor, 0)
+  keep = dropout_bits(keys, layer, x.shape[1:]) >= threshold
+  return jnp.where(keep, x / divisor, 0)
