@@ -164,17 +164,17 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
-  def restore(self, step: int, target, config: dict):
+  def restore(self, step: int, target, config: dict, training: bool = True):
     """Restores checkpoint `step` into `target`'s shapes and shardings; returns (state, meta).
 
     Fails with CheckpointError naming the differing fields when `config` is incompatible with
-    the config that wrote the checkpoint.
+    the config that wrote the checkpoint (for `training`, to go on training it; else to read it).
     """
     try:
       meta = self.read_meta(step)
     except Exception as e:  # Whatever orbax, JSON or TensorStore raise on damaged files.
       raise self._unreadable(step, e) from e
-    differences = schema.resume_differences(meta.get('config', {}), config)
+    differences = schema.resume_differences(meta.get('config', {}), config, training)
     if differences:
       raise CheckpointError(
           f'{self.directory} holds checkpoints of another config ({"; ".join(differences)}); '

@@ -45,6 +45,17 @@ class Resume:
     return cls(partial['epoch'], partial['batches'],
                None if sums is None else steps_lib.MetricSums.from_json(sums))
 
+  def line(self, step: int, steps: int) -> str:
+    """The console's note of where training resumes, in an epoch of `steps` batches."""
+    return (f'Resumed from epoch {self.epoch - 1}, step {step}: {self.batches} of {steps} '
+            f'batches into epoch {self.epoch}')
+
+
+def samples_to_train(steps: int, batch_size: int, resume: Resume | None) -> int:
+  """Samples this process trains in an epoch of `steps` batches: after a mid-epoch resume only
+  the batches left, which is what its throughput must be measured on."""
+  return (steps - (resume.batches if resume else 0)) * batch_size
+
 
 @dataclasses.dataclass
 class Progress:

@@ -16,7 +16,7 @@ class DataError(FlaxMnistError):
 
 
 class WorkdirError(FlaxMnistError):
-  """A --workdir that cannot be a folder."""
+  """A --workdir (or --output folder) that cannot be used: not a folder, not writable, busy."""
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

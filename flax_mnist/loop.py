@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from flax_mnist import checkpoints as checkpoints_lib
-from flax_mnist import distributed, epochs, interrupt, model as model_lib, sharding
+from flax_mnist import distributed, epochs, interrupt, model as model_lib, run_lock, sharding
 from flax_mnist import plan as plan_lib
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import batches, tfds_source
@@ -66,7 +66,8 @@ def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) 
   plan = plan or plan_lib.decide(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  with (checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints,
+  with (run_lock.held(workdir),
+        checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints,
         interrupt.catch_stop_signals()):
     run = _Run(config, plan, workdir, checkpoints)
     start = run.start()
@@ -108,9 +109,9 @@ class _Run:
       return Start(self.state)
     state, meta = self.checkpoints.restore_newest_readable(self.state, self.config.to_dict())
     resume = epochs.Resume.from_meta(meta.get('partial'))
-    within = f' and {resume.batches} batches of epoch {resume.epoch}' if resume else ''
-    say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)}{within} "
-        f'({self.checkpoints.directory})')
+    if resume is None:  # Else said by `epochs`, which knows the epoch's length.
+      say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)} "
+          f'({self.checkpoints.directory})')
     return Start(state, meta['epoch'], meta['history'], resume)
 
   def meta(self, epoch: int, history: list[dict], **extra) -> dict:
@@ -133,6 +134,8 @@ class _Run:
                           resume)
     steps = batches.steps_per_epoch(len(train_split), config.batch_size)
     num_samples = steps * config.batch_size
+    if resume:
+      say(f'{resume.line(int(state.step), steps)} ({self.checkpoints.directory})')
     say(f'Compiled in {time.perf_counter() - began:.1f}s. Train {self.outputs.trained}on '
         f'{num_samples} samples, validate on {len(eval_split)} samples')
     writer = self.outputs.writer(int(state.step))
@@ -142,6 +145,7 @@ class _Run:
         self.stop(state, history)
       began = time.perf_counter()
       first_step = int(state.step) - (resume.batches if resume else 0)
+      trained = epochs.samples_to_train(steps, config.batch_size, resume)
       progress = epochs.Progress(
           console.ProgressBar(steps, enabled=config.progress_bar and distributed.is_main()),
           writer.step_log(first_step), stop_rule)
@@ -155,22 +159,23 @@ class _Run:
       evaluation = evaluate(evaluate_step, state.params, mesh, eval_split,
                             config.eval_batch_size, self.plan.eval_batch)
       row = self.outputs.row(epoch, sums, evaluation, time.perf_counter() - began,
-                             train_seconds, num_samples)
-      history = self.record(state, history, row, writer, num_samples)
+                             train_seconds, trained)
+      history = self.record(state, history, row, writer, num_samples, trained)
     writer.close()
     self.finish(state, eval_split, history)
     return history
 
-  def record(self, state, history, row, writer, num_samples) -> list[dict]:
+  def record(self, state, history, row, writer, num_samples, trained) -> list[dict]:
     """Keeps a finished epoch: TensorBoard, then its checkpoint, then the console line and the
     metrics files (the checkpoint is the truth they are rewritten from on resume). Returns
-    the history with `row`."""
+    the history with `row`. `trained`: the samples of the epoch's `num_samples` that this
+    process trained (fewer after a mid-epoch resume)."""
     self.check_finite(row)
     history = history + [row]
     writer.write_epoch(int(state.step), row)  # Flushed before the checkpoint that keeps it.
     self.checkpoints.save(int(state.step), state, self.meta(row['epoch'], history),
                           row.get('val_accuracy_mean', row.get('val_accuracy')))
-    self.outputs.show(row, num_samples)
+    self.outputs.show(row, num_samples, trained)
     return history
 
   def finish(self, state, eval_split, history) -> None:

@@ -41,6 +41,11 @@ _LANE = flags.DEFINE_integer('lane', None, 'eval/export/predict/report of a run 
                              'models (config.num_models, config.sweep): lane N only. Default: '
                              'every lane, and their ensemble for eval and predict.')
 flags.mark_flags_as_required(['config'])
+# The modes each flag applies to; given to another, it is refused rather than ignored
+# (--mode=train --step=10 would resume from the newest checkpoint).
+_READING = ('eval', 'export', 'predict', 'report')
+_FLAG_MODES = {'step': _READING, 'lane': _READING, 'output': ('export',),
+               'images': ('predict',), 'invert': ('predict',)}
 
 
 def default_workdir() -> str:
@@ -54,17 +59,37 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
     _CONFIG.value.keys()  # ml_collections reports a missing config file only on first use.
-    return remaining
   except flags.Error as e:
-    _fail(f'{str(e).rstrip(".")}. Pass --helpfull to see the flags.')
+    if 'Error whilst parsing config file' in str(e):  # Its get_config failed: a traceback.
+      _fail_config_file(argv, _last_line(e))
+    _fail(f'{" ".join(str(e).split()).rstrip(".")}. Pass --helpfull to see the flags.')
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field.
+    if "has no attribute 'get_config'" in str(e):
+      _fail(f'config file {_config_argument(argv)!r} defines no get_config(); define one that '
+            'returns the config, as configs/base.py does.')
     hint = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
     _fail(f'unknown config field in the overrides: {hint}')
   except Exception as e:  # A missing config file, or one that fails to import.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _fail(f'cannot load config file {_config_argument(argv)!r} '
-          f'({type(e).__name__}: {lines[-1] if lines else ""}); pass e.g. '
-          '--config configs/base.py.')
+    _fail_config_file(argv, f'{type(e).__name__}: {_last_line(e)}')
+  if len(remaining) > 1:  # absl would print the whole --help before saying so.
+    _fail(f'unexpected arguments: {" ".join(remaining[1:])}; flags take the form --NAME=VALUE '
+          '(config fields --config.FIELD=VALUE).')
+  for name, modes in _FLAG_MODES.items():
+    if flags.FLAGS[name].present and _MODE.value not in modes:
+      listed = ', '.join(modes[:-1]) + (' or ' if len(modes) > 1 else '') + modes[-1]
+      _fail(f'--{name} applies to --mode={listed}, not --mode={_MODE.value}; drop it.')
+  return remaining
+
+
+def _last_line(error: BaseException) -> str:
+  """The last non-empty line of an error's message: the cause, where it holds a traceback."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _fail_config_file(argv: list[str], cause: str) -> None:
+  _fail(f'cannot load config file {_config_argument(argv)!r} ({cause.rstrip(".")}); pass e.g. '
+        '--config configs/base.py.')
 
 
 def _config_argument(argv: list[str]) -> str:
@@ -105,7 +130,7 @@ def run_mode(config, plan, workdir: str) -> int:
   host_memory.resume_collector()  # The imports are done.
   lane = _LANE.value
   modes.check_lane(plan, _MODE.value, lane, _OUTPUT.value)
-  checks.check(config, plan, _MODE.value, workdir)  # Before anything is written.
+  checks.check(config, plan, _MODE.value, workdir, _OUTPUT.value)  # Before any writing.
   if _MODE.value == 'train':
     loop.train_and_evaluate(config, workdir, plan)
   elif _MODE.value == 'eval':
@@ -121,8 +146,7 @@ def run_mode(config, plan, workdir: str) -> int:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # parse_flags has refused any left over.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it opens at INFO.
   config = _CONFIG.value

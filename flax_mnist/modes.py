@@ -58,17 +58,14 @@ def lane_folder(workdir, restored: Restored, lane: int | None) -> pathlib.Path:
 
 
 def check_lane(plan, mode: str, lane: int | None, output: str = '') -> None:
-  """ConfigError unless --lane (None: not given) names a lane of the plan, for a mode that
-  takes one; before anything is read or written."""
+  """ConfigError unless --lane (None: not given) names a lane of the plan; before anything is
+  read or written. (main refuses it for modes that take none.)"""
   if lane is None:
     if mode == 'export' and output and plan.lanes > 1:
       raise ConfigError(f'--output names one file but this config trains {plan.lanes} lanes; '
                         'pass --lane=N with it (without --output every lane is exported to '
                         'WORKDIR/models/<lane>/).')
     return
-  if mode not in ('eval', 'export', 'predict', 'report'):
-    raise ConfigError(f'--lane applies to eval, export, predict and report, not --mode={mode}; '
-                      'drop it.')
   if not 0 <= lane < plan.lanes:
     raise ConfigError(f'--lane={lane}: this config has {plan.lanes} lane'
                       + ('s' if plan.lanes > 1 else '') + f' (0 to {plan.lanes - 1}); pass one '
@@ -89,7 +86,8 @@ def restore(config, plan, workdir: str, step: str) -> Restored:
                     plan.lanes)
   graphdef, state = steps_lib.abstract(config, plan, sharding.replicated(mesh))
   with checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints:
-    state, meta = checkpoints.restore(checkpoints.resolve_step(step), state, config.to_dict())
+    state, meta = checkpoints.restore(checkpoints.resolve_step(step), state, config.to_dict(),
+                                      training=False)
   return Restored(graphdef, state, meta, plan.lanes)
 
 

@@ -11,6 +11,7 @@ kernels, so `--help` and config errors are instant. Choices that depend on the h
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,14 +29,17 @@ DTYPES = ('float32', 'bfloat16')
 class Field:
   """One config field. Its type is its default's; `check` (None: any value of the type) is
   described by `valid`; `resumable` fields may differ from a checkpoint's config (they change
-  neither the model nor what training computes). A checkpoint written before a field existed
-  is read as if it had the field's default."""
+  neither the model nor what training computes); `training_only` ones may differ where a
+  checkpoint is only read (eval, export, predict, report: they shape how training went, not the
+  model it left). A checkpoint written before a field existed is read as if it had the field's
+  default."""
   name: str
   default: Any
   meaning: str
   check: Callable[[Any], bool] | None = None
   valid: str = ''
   resumable: bool = False
+  training_only: bool = False
 
   @property
   def kind(self) -> type:
@@ -43,12 +47,12 @@ class Field:
 
 
 def _positive(name, default, meaning, **kw):
-  kind = 'integer' if isinstance(default, int) else 'number'
-  return Field(name, default, meaning, lambda v: v > 0, f'a positive {kind}', **kw)
+  kind = 'integer' if isinstance(default, int) else 'finite number'
+  return Field(name, default, meaning, lambda v: 0 < v < math.inf, f'a positive {kind}', **kw)
 
 
-def _rate(name, default, meaning):
-  return Field(name, default, meaning, lambda v: 0 <= v < 1, 'in [0, 1)')
+def _rate(name, default, meaning, **kw):
+  return Field(name, default, meaning, lambda v: 0 <= v < 1, 'in [0, 1)', **kw)
 
 
 def _choice(name, default, choices, meaning, **kw):
@@ -56,6 +60,8 @@ def _choice(name, default, choices, meaning, **kw):
                **kw)
 
 
+# JAX (without x64) keeps a key's lower 32 bits: seed 2**32 would initialise as seed 0 does.
+MAX_SEED = 2**32 - 1
 _MAX_KERNEL = (IMAGE_SIDE - 2) // 2 + 1  # Two valid convs and a 2x2 pool must fit the image.
 
 FIELDS = (
@@ -67,7 +73,7 @@ FIELDS = (
     Field('idx_dir', '', 'folder of the four IDX files: prepares the dataset offline',
           resumable=True),
     Field('train_split', 'train[:55000]', 'split to train on (the seed trains on 55,000 '
-          'images)', bool, "a tfds split such as 'train[:55000]'"),
+          'images)', bool, "a tfds split such as 'train[:55000]'", training_only=True),
     Field('eval_split', 'test', 'split validated on after every epoch (every example once: '
           'padding rows are masked)', bool, "a tfds split such as 'test'", resumable=True),
     # Model: the seed's Keras Sequential, layer for layer.
@@ -77,8 +83,9 @@ FIELDS = (
     _positive('conv1_features', 32, 'filters of the first convolution'),
     _positive('conv2_features', 64, 'filters of the second convolution'),
     _positive('dense_features', 128, 'units of the hidden dense layer'),
-    _rate('conv_dropout', 0.25, 'dropout after the pool (0 disables)'),
-    _rate('dense_dropout', 0.5, 'dropout after the hidden dense layer (0 disables)'),
+    _rate('conv_dropout', 0.25, 'dropout after the pool (0 disables)', training_only=True),
+    _rate('dense_dropout', 0.5, 'dropout after the hidden dense layer (0 disables)',
+          training_only=True),
     Field('num_classes', 10, 'output classes', lambda v: v > 1, 'an integer above 1'),
     # How it is computed: speed only, never the maths (beyond float rounding).
     _choice('conv_impl', 'auto', CONV_IMPLS, 'convolution kernels: `winograd`, `im2col`, '
@@ -90,19 +97,21 @@ FIELDS = (
     _choice('device_data', 'auto', SWITCH, 'keep the training split on the devices, one '
             '`lax.scan` per epoch (auto: on for GPU/TPU with one process)', resumable=True),
     _choice('dtype', 'float32', DTYPES, '`bfloat16`: mixed precision (layers in bf16; '
-            'params, optimizer, softmax and loss float32)'),
+            'params, optimizer, softmax and loss float32)', training_only=True),
     # Optimizer: Keras' Adam defaults.
-    _positive('learning_rate', 1e-3, 'Adam learning rate'),
-    _rate('adam_b1', 0.9, "Adam's beta_1"),
-    _rate('adam_b2', 0.999, "Adam's beta_2"),
-    _positive('adam_eps', 1e-7, "Adam's epsilon (Keras' default, not optax's 1e-8)"),
+    _positive('learning_rate', 1e-3, 'Adam learning rate', training_only=True),
+    _rate('adam_b1', 0.9, "Adam's beta_1", training_only=True),
+    _rate('adam_b2', 0.999, "Adam's beta_2", training_only=True),
+    _positive('adam_eps', 1e-7, "Adam's epsilon (Keras' default, not optax's 1e-8)",
+              training_only=True),
     # Training.
-    _positive('batch_size', 500, 'global training batch (split over devices)'),
+    _positive('batch_size', 500, 'global training batch (split over devices)',
+              training_only=True),
     _positive('eval_batch_size', 1000, 'global evaluation batch', resumable=True),
     _positive('num_epochs', 20, 'epochs to train (raise it to train a finished run on)',
               resumable=True),
     Field('seed', 42, 'initialisation, data order (a function of seed and epoch) and dropout',
-          lambda v: v >= 0, 'a non-negative integer'),
+          lambda v: 0 <= v <= MAX_SEED, f'an integer from 0 to {MAX_SEED}', training_only=True),
     # Many models in one program (flax_mnist/lanes.py).
     _positive('num_models', 1, 'models trained together in one program; lane i is the model '
               'that `seed + i` trains alone (outputs in `WORKDIR/models/<lane>/`)'),
@@ -170,16 +179,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{field.name}={value!r} is invalid: must be {field.valid}.')
   from flax_mnist import lanes  # Imports no JAX.
   lanes.check(config)
+  if config.seed + config.num_models - 1 > MAX_SEED:  # Lane i draws from seed + i.
+    raise ConfigError(f'config.seed={config.seed} with num_models={config.num_models} gives '
+                      f'lane seeds above {MAX_SEED}; lower config.seed.')
   if config.num_processes and config.process_id >= config.num_processes:
     raise ConfigError(f'config.process_id={config.process_id} must be below '
                       f'config.num_processes={config.num_processes}; number processes from 0.')
 
 
-def resume_differences(saved: dict, current: dict) -> list[str]:
-  """'field: saved -> current' for every non-resumable field whose values differ; a field the
-  saved config lacks (older than the field) counts as its default."""
+def resume_differences(saved: dict, current: dict, training: bool = True) -> list[str]:
+  """'field: saved -> current' for every field that must match (not resumable, nor
+  training_only where the checkpoint is only read) whose values differ; a field the saved
+  config lacks (older than the field) counts as its default."""
   saved = {**{f.name: f.default for f in FIELDS}, **saved}
-  names = sorted((set(saved) | set(current)) - {f.name for f in FIELDS if f.resumable})
+  free = {f.name for f in FIELDS if f.resumable or (f.training_only and not training)}
+  names = sorted((set(saved) | set(current)) - free)
   return [f'{n}: {saved.get(n, "(absent)")!r} -> {current.get(n, "(absent)")!r}'
           for n in names if saved.get(n) != current.get(n)]
 

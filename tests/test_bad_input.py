@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, base_config
 
 
 def _run(tmp_path, *flags, mode='train'):
@@ -87,7 +87,10 @@ def test_bad_split(tmp_path, prepared_data_dir):
                                                  'incompatible with 60000 examples']),
     (['--config.train_split=train[:100]'], ["config.train_split='train[:100]' holds 100 "
                                             'examples, fewer than 500']),
-], ids=['unknown_split', 'split_too_large', 'split_smaller_than_batch'])
+    (['--config.dataset=fashion_mnist'], ["train-labels-idx1-ubyte.gz is one of mnist's IDX "
+                                          'files (tfds registers its SHA-256 for mnist), not '
+                                          "fashion_mnist's; pass --config.dataset=mnist"]),
+], ids=['unknown_split', 'split_too_large', 'split_smaller_than_batch', 'another_datasets_files'])
 def test_bad_split_on_first_run(tmp_path, mnist_dir, flags, expected):
   """An empty data_dir: split sizes come from the IDX files, before anything is prepared."""
   result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}',
@@ -169,8 +172,8 @@ def test_workdir_that_is_a_link_to_nothing(tmp_path):
   from flax_mnist.errors import WorkdirError
   (tmp_path / 'w').symlink_to(tmp_path / 'gone')
   with pytest.raises(WorkdirError, match=f'{tmp_path}/w is a link to nothing, not a folder'):
-    checks.check_workdir(tmp_path / 'w' / 'run')
-  checks.check_workdir(tmp_path / 'new' / 'run')  # Not there yet: fine.
+    checks.check_folder(tmp_path / 'w' / 'run', '--workdir')
+  checks.check_folder(tmp_path / 'new' / 'run', '--workdir', writes=True)  # Not there yet.
 
 
 def test_checkpoint_folder_blocked(tmp_path, prepared_data_dir):
@@ -182,3 +185,43 @@ def test_checkpoint_folder_blocked(tmp_path, prepared_data_dir):
   assert result.stderr.strip().splitlines()[-1].startswith(
       f'error: cannot use {tmp_path}/w/checkpoints as the checkpoint folder (File exists)')
   assert sorted(p.name for p in (tmp_path / 'w').iterdir()) == ['checkpoints']
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--workdir=/proc/w/run'], 'error: --workdir=/proc/w/run: /proc cannot be written'),
+    (['--mode=export', '--output=/proc/m.h5'], 'error: --output=/proc/m.h5: /proc cannot be '
+     'written'),
+], ids=['workdir', 'export_output'])
+def test_folders_that_cannot_be_written(tmp_path, flags, expected):
+  """/proc takes no new files, even from root (where permission bits would not stop a write)."""
+  result = _run(tmp_path, f'--config.data_dir={tmp_path / "tfds"}', *flags)
+  _assert_one_line_and_nothing_written(result, tmp_path, expected)
+
+
+def test_a_read_only_workdir_still_predicts_and_exports_elsewhere(tmp_path, monkeypatch):
+  from flax_mnist.data import checks
+  from flax_mnist.errors import WorkdirError
+
+  def refuse(**_):
+    raise PermissionError(13, 'Permission denied')
+  (tmp_path / 'w').mkdir()
+  monkeypatch.setattr(checks.tempfile, 'TemporaryFile', refuse)
+  for mode in ('train', 'eval', 'report', 'export'):
+    with pytest.raises(WorkdirError, match=f'--workdir={tmp_path}/w: {tmp_path}/w cannot be '
+                       r'written \(Permission denied\); pass another --workdir.'):
+      checks.check(base_config(), None, mode, tmp_path / 'w')
+  checks.check(base_config(), None, 'predict', tmp_path / 'w')  # Reads the workdir only.
+  with pytest.raises(WorkdirError, match='--output=/x/m.h5: / cannot be written'):
+    checks.check(base_config(), None, 'export', tmp_path / 'w', output='/x/m.h5')
+
+
+def test_init_from_beside_checkpoints_is_named_as_not_read(tmp_path, capsys):
+  """A resume (the same command again) keeps its init_from; the run says it reads the
+  checkpoints instead, even when the file is gone, rather than ignoring it in silence."""
+  from flax_mnist.data import checks
+  (tmp_path / 'w' / 'checkpoints' / '10').mkdir(parents=True)
+  config = base_config(init_from=str(tmp_path / 'gone.h5'))
+  checks.check(config, None, 'predict', tmp_path / 'w')
+  assert capsys.readouterr().out == (f'Not reading config.init_from={tmp_path}/gone.h5: '
+                                     f'{tmp_path}/w has checkpoints, which --mode=predict reads '
+                                     'instead.\n')

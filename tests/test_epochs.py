@@ -81,3 +81,10 @@ def test_a_resumed_epoch_equals_a_whole_one_without_compiling_at_run_time(
   np.testing.assert_allclose(resumed_sums.means(), whole_sums.means(), rtol=1e-6)
   assert_adam_params_close(jax.tree.leaves(resumed.params), jax.tree.leaves(whole.params),
                            config.learning_rate)
+
+
+def test_a_resumed_epoch_trains_and_announces_only_its_remaining_batches():
+  resume = epochs.Resume(1, 91, None)
+  assert epochs.samples_to_train(100, 128, None) == 12_800
+  assert epochs.samples_to_train(100, 128, resume) == 9 * 128
+  assert resume.line(91, 100) == 'Resumed from epoch 0, step 91: 91 of 100 batches into epoch 1'

@@ -79,7 +79,7 @@ def jax_cache(tmp_path_factory):
 
 
 def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(prepared_data_dir, reference, tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch, capsys):
   workdir = tmp_path / 'w'
   config = tiny_config(prepared_data_dir)
   real_put = sharding.put_batch
@@ -102,9 +102,14 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(prepared_data_dir, refer
     assert checkpoints.steps() == [10, 13]
     assert checkpoints.best_step() == 10  # A mid-epoch checkpoint has no val_accuracy.
     assert checkpoints.read_meta(13)['partial']['batches'] == 3
+  capsys.readouterr()
   history = loop.train_and_evaluate(config, str(workdir))
   assert without_timings(history) == without_timings(reference[1])
   assert_same_params(final_params(config, workdir), reference[2])
+  out = capsys.readouterr().out  # The epoch's rate is that of the 7 batches trained since.
+  assert f'Resumed from epoch 1, step 13: 3 of 10 batches into epoch 2 ({workdir}' in out
+  assert f'Epoch 2/{config.num_epochs} - {10 * config.batch_size} samples ' \
+         f'({7 * config.batch_size} since resuming) - ' in out
 
 
 def test_ctrl_c_on_the_command_line(prepared_data_dir, reference, tmp_path, jax_cache):

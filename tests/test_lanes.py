@@ -74,7 +74,6 @@ def test_the_plan_runs_lanes_one_after_another_on_cpu_and_together_elsewhere():
 
 @pytest.mark.parametrize('mode, lane, output, message', [
     ('eval', 3, '', r'--lane=3: this config has 3 lanes \(0 to 2\)'),
-    ('train', 0, '', '--lane applies to eval, export, predict and report'),
     ('export', None, 'x.h5', '--output names one file but this config trains 3 lanes'),
 ])
 def test_bad_lane_flags_are_one_line_errors(mode, lane, output, message):

@@ -63,3 +63,18 @@ def test_lanes_write_a_summary_and_each_lanes_own_files(tmp_path, capsys):
   out.close([row])
   assert 'Ensemble of 2: val_accuracy 0.9200' in capsys.readouterr().out
   np.testing.assert_equal(int(models[1][0].step), 4)
+
+
+def test_throughput_counts_only_the_samples_this_process_trained(tmp_path, capsys):
+  """After a mid-epoch resume 300 of the epoch's 1000 samples were trained here, in 2 s."""
+  out = outputs.for_plan(_config(), types.SimpleNamespace(lanes=1), tmp_path)
+  row = out.row(1, _sums(50.0, 90, 100), _sums(20.0, 45, 50), 3.0, 2.0, 300)
+  assert row['samples_per_second'] == 150.0 and row['seconds'] == 3.0
+  out.show(row, 1000, 300)
+  assert '1000 samples (300 since resuming) - 3.0s 10000us/sample' in capsys.readouterr().out
+  lanes = outputs.for_plan(_config(num_models=2), types.SimpleNamespace(lanes=2), tmp_path)
+  train = _sums([50.0, 40.0], [90, 80], [100, 100])
+  evaluation = (_sums([20.0, 10.0], [45, 40], [50, 50]), _sums(12.0, 46, 50))
+  row = lanes.row(1, train, evaluation, 3.0, 2.0, 300)
+  assert [lane['samples_per_second'] for lane in row['lanes']] == [150.0, 150.0]
+  assert row['samples_per_second'] == 300.0

@@ -1,4 +1,5 @@
-"""The report: three PNGs after training, --mode=report, and a confusion matrix that counts."""
+"""The report: three PNGs after training, --mode=report, a confusion matrix that counts, and
+predictions batched no larger than the split."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO, cpu_plan, small_config
-from flax_mnist import loop, modes, sharding
+from flax_mnist import loop, modes, sharding, steps
 from flax_mnist.data import tfds_source
 from flax_mnist.reporting import jsonl, report
 
@@ -67,3 +68,22 @@ def test_worst_errors_are_the_least_likely_true_labels():
   probs = np.array([[.9, .1, 0], [.7, .2, .1], [.2, .75, .05], [.4, .6, 0]])
   np.testing.assert_array_equal(report.worst_errors(labels, probs), [2, 1, 3])
   np.testing.assert_array_equal(report.worst_errors(labels, probs, count=1), [2])
+
+
+def test_a_huge_eval_batch_size_predicts_in_batches_of_the_split(prepared_data_dir,
+                                                                  monkeypatch):
+  """An eval_batch_size far above the split's size (100,000 rows: 50 GB of activations in one
+  pass) is cut to the split's, with the same probabilities as predict's."""
+  config = small_config(prepared_data_dir, eval_batch_size=100_000)
+  graphdef, state, _ = steps.create(config, cpu_plan(config))
+  split = tfds_source.load_split(config, config.eval_split)
+  sizes, batched = [], report.batches.eval_batches
+
+  def recording(split, batch_size, padded_size):
+    sizes.append((batch_size, padded_size))
+    return batched(split, batch_size, padded_size=padded_size)
+  monkeypatch.setattr(report.batches, 'eval_batches', recording)
+  probs = report.probabilities(graphdef, state.params, sharding.make_mesh(), split, 100_000)
+  assert sizes == [(600, 600)]
+  expected = modes.classify(loop.nnx_model(graphdef, state), split.images / np.float32(255))
+  np.testing.assert_allclose(probs, expected, atol=1e-5)

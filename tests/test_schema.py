@@ -47,12 +47,26 @@ def test_every_field_is_declared_once_with_a_meaning():
     ('conv_impl', 'fft',
      'config.conv_impl=.fft. is invalid: must be one of auto, im2col, im2col_vjp, winograd, '
      'xla'),
-    ('learning_rate', 0.0, 'config.learning_rate=0.0 is invalid: must be a positive number'),
+    ('learning_rate', 0.0,
+     'config.learning_rate=0.0 is invalid: must be a positive finite number'),
+    ('learning_rate', float('inf'), 'config.learning_rate=inf is invalid'),
+    ('seed', -1, 'config.seed=-1 is invalid: must be an integer from 0 to 4294967295'),
+    ('seed', 2**32, 'config.seed=4294967296 is invalid'),  # JAX would use seed 0's key.
 ])
 def test_bad_values(field, value, message):
   config = base.get_config()
   config[field] = value
   with pytest.raises(ConfigError, match=message):
+    schema.validate(config)
+
+
+def test_lane_seeds_stay_in_range():
+  config = base.get_config()
+  config.seed, config.num_models = schema.MAX_SEED - 1, 2
+  schema.validate(config)  # Lanes draw from MAX_SEED - 1 and MAX_SEED.
+  config.num_models = 3
+  with pytest.raises(ConfigError, match='config.seed=4294967294 with num_models=3 gives lane '
+                     'seeds above 4294967295; lower config.seed.'):
     schema.validate(config)
 
 
@@ -78,6 +92,20 @@ def test_resume_differences_ignore_resumable_fields_and_default_missing_ones():
   assert schema.resume_differences(older, saved) == []
   assert schema.resume_differences(older, dict(saved, dtype='bfloat16')) == [
       "dtype: 'float32' -> 'bfloat16'"]
+
+
+def test_reading_a_checkpoint_ignores_how_it_was_trained():
+  """eval, export, predict and report need the model's fields, not the training command's."""
+  saved = base.get_config().to_dict()
+  trained_otherwise = dict(saved, batch_size=100, train_split='train[:1000]', learning_rate=3e-3,
+                           adam_b1=0.8, adam_b2=0.99, adam_eps=1e-8, seed=7, dtype='bfloat16',
+                           conv_dropout=0.1, dense_dropout=0.2)
+  assert schema.resume_differences(saved, trained_otherwise, training=False) == []
+  assert len(schema.resume_differences(saved, trained_otherwise)) == 10  # To train on: all.
+  for field, value in (('kernel_size', 5), ('conv2_features', 32), ('num_models', 2),
+                       ('dataset', 'fashion_mnist'), ('sweep', 'learning_rate=1e-3,3e-3')):
+    assert schema.resume_differences(saved, dict(saved, **{field: value}), training=False) == [
+        f'{field}: {saved[field]!r} -> {value!r}']
 
 
 def test_readme_table_is_the_schema():

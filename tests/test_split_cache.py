@@ -98,16 +98,23 @@ def test_the_cache_keeps_the_newest_entries_of_datasets_that_exist(cache, config
 
 
 def test_checks_of_cached_splits_need_no_tfds_and_still_fail_in_one_line(cache, config,
-                                                                        monkeypatch):
+                                                                        monkeypatch, tmp_path):
   tfds_source.load_split(config, 'train')
   tfds_source.load_split(config, 'test[:50]')
   _without_tfds(monkeypatch)
-  checks.check(config, None, 'train', '/nonexistent/workdir')
+  checks.check(config, None, 'train', tmp_path / 'w')
   too_big = config.copy_and_resolve_references()
   too_big.batch_size = 400
   with pytest.raises(DataError, match=r"config.train_split='train' holds 300 examples, fewer "
                      r'than 400; widen the split or lower config.batch_size.'):
-    checks.check(too_big, None, 'train', '/nonexistent/workdir')
+    checks.check(too_big, None, 'train', tmp_path / 'w')
+  for classes in (5, 11):  # The dataset's 10 classes, recorded with the split, still count.
+    other = config.copy_and_resolve_references()
+    other.num_classes = classes
+    with pytest.raises(DataError, match=rf"config.dataset='mnist' has images of shape "
+                       rf'\(28, 28, 1\) and 10 label classes; this model needs 28x28x1 images '
+                       rf'and {classes} classes'):
+      checks.check(other, None, 'eval', tmp_path / 'w')
 
 
 def test_a_cached_eval_imports_neither_tfds_nor_tensorflow(cache, tmp_path, tiny_idx_dir):

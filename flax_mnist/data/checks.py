@@ -9,44 +9,62 @@ here too, still before the workdir: a download that fails leaves nothing behind.
 """
 
 import pathlib
+import tempfile
 
 from flax_mnist.data import offline, prepare, split_cache, tfds_source
 from flax_mnist.errors import DataError, WorkdirError, first_line
+from flax_mnist.geometry import IMAGE_SHAPE
 
 # Modes that read the dataset, and the config fields naming the splits each reads.
 _SPLITS = {'train': ('train_split', 'eval_split'), 'eval': ('eval_split',),
            'report': ('eval_split',)}
 
 
-def check(config, plan, mode: str, workdir: str | pathlib.Path) -> None:
+def check(config, plan, mode: str, workdir: str | pathlib.Path, output: str = '') -> None:
   """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run;
   prepares the dataset once every input that can be checked without it has passed."""
-  check_workdir(workdir)
+  # Where the mode writes: predict writes nothing, export with --output only beside it.
+  check_folder(workdir, '--workdir', writes=mode != 'predict' and not (mode == 'export'
+                                                                        and output))
+  if mode == 'export' and output:
+    check_folder(pathlib.Path(output).parent, '--output', writes=True, named=output)
   reads_data = mode in _SPLITS and not _cached(config, _SPLITS[mode])
   if reads_data:
     builder, idx_splits = check_dataset(config, _SPLITS[mode])
-  if config.init_from and not _has_checkpoints(workdir):
+  if config.init_from and _has_checkpoints(workdir):  # Resuming: the weights are the run's.
+    from flax_mnist.reporting.console import say
+    say(f'Not reading config.init_from={config.init_from}: {workdir} has checkpoints, which '
+        f'--mode={mode} reads instead.')
+  elif config.init_from:
     check_init_from(config, plan)
   if reads_data:
     prepare_dataset(config, builder, idx_splits, _SPLITS[mode])
 
 
-def check_workdir(workdir: str | pathlib.Path) -> None:
-  """A workdir that is a file, lies under one, is a link to nothing or cannot be reached fails
-  here in one line; later it would be a traceback from the first mkdir, after the dataset was
-  prepared."""
-  path = pathlib.Path(workdir)
+def check_folder(path: str | pathlib.Path, flag: str, writes: bool = False,
+                 named: str = '') -> None:
+  """A folder (--workdir, --output's) that is a file, lies under one, is a link to nothing,
+  cannot be reached or, where the mode writes, cannot be written fails here in one line, naming
+  `flag`'s value (`named`, else the folder); later it would be a traceback from the first mkdir
+  or open, after the dataset was prepared or the checkpoint restored."""
+  path = pathlib.Path(path)
+  flag_value = f'{flag}={named or path}'
   try:
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
-    if existing.is_dir():
-      return
-    what = 'a file' if existing.exists() else 'a link to nothing'  # Found as a link.
   except OSError as e:
-    cause = e.strerror or type(e).__name__
-    raise WorkdirError(f'--workdir={workdir}: cannot be reached ({cause}); pass another '
-                       '--workdir.') from None
-  raise WorkdirError(f'--workdir={workdir}: {existing} is {what}, not a folder; pass another '
-                     '--workdir.')
+    raise WorkdirError(f'{flag_value}: cannot be reached ({e.strerror or type(e).__name__}); '
+                       f'pass another {flag}.') from None
+  if not existing.is_dir():
+    what = 'a file' if existing.exists() else 'a link to nothing'  # Found as a link.
+    raise WorkdirError(f'{flag_value}: {existing} is {what}, not a folder; pass another '
+                       f'{flag}.')
+  if writes:
+    try:
+      with tempfile.TemporaryFile(dir=existing):  # Unnamed, gone when closed.
+        pass
+    except OSError as e:
+      raise WorkdirError(f'{flag_value}: {existing} cannot be written '
+                         f'({e.strerror or type(e).__name__}); pass another {flag}.') from None
 
 
 def _cached(config, split_fields: tuple[str, ...]) -> bool:
@@ -55,6 +73,8 @@ def _cached(config, split_fields: tuple[str, ...]) -> bool:
   sizes = [split_cache.size(config, config[field]) for field in split_fields]
   if None in sizes:
     return False
+  for field in split_fields:  # As get_builder checks tfds' info when not cached.
+    tfds_source.check_features(config, IMAGE_SHAPE, split_cache.classes(config, config[field]))
   for field, examples in zip(split_fields, sizes):
     _check_size(config, field, examples)
   return True
@@ -78,6 +98,7 @@ def check_dataset(config, split_fields: tuple[str, ...]):
   if builder.is_prepared():
     splits = builder.info.splits
   elif config.idx_dir:
+    offline.check_files_belong(config.dataset, config.idx_dir)
     idx_splits = offline.read_splits(config.idx_dir)
     splits = tfds_source.split_dict(builder, offline.split_sizes(idx_splits))
   else:

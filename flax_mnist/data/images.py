@@ -2,6 +2,7 @@
 
 import glob
 import pathlib
+import warnings
 
 import numpy as np
 
@@ -51,22 +52,42 @@ def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
 def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
   """Reads an image as 28x28 float32 grayscale in [0, 1] (white digit on black, as MNIST).
 
-  `invert` is for dark-on-light drawings.
+  `invert` is for dark-on-light drawings. An image that is transparent anywhere is read by its
+  alpha (see _ink), so `invert` does not apply to it. Pillow's warnings (a
+  DecompressionBombWarning for images over Image.MAX_IMAGE_PIXELS, EXIF complaints) are not the
+  user's concern: the image is read.
   """
   from PIL import Image, UnidentifiedImageError
   try:
-    with Image.open(path) as image:
-      image.load()
-      gray = image.convert('L')
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      with Image.open(path) as image:
+        image.load()
+        gray, invert = _ink(image, invert)
   except FileNotFoundError:
     raise ImageError(f'{path}: no such file.') from None
-  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError:
+    raise ImageError(f'{path}: too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS} '
+                     'pixels); pass a smaller image.') from None
+  except (UnidentifiedImageError, OSError, ValueError) as e:
     raise ImageError(f'{path}: not a readable image ({type(e).__name__}); pass PNG or JPEG '
                      'files.') from None
   if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
     gray = gray.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS)
   pixels = np.asarray(gray, np.float32) / 255.0
   return 1.0 - pixels if invert else pixels
+
+
+def _ink(image, invert: bool):
+  """(grayscale 'L' image, whether to invert it). Drawing apps and HTML canvases export strokes
+  on a transparent background whose colour is arbitrary (often black, as the ink): where an
+  image is transparent anywhere, its alpha is the ink, white on black whatever the colours, so
+  `invert` is not applied. A fully opaque image is read by its brightness."""
+  if image.has_transparency_data:
+    alpha = image.convert('RGBA').getchannel('A')
+    if alpha.getextrema()[0] < 255:
+      return alpha, False
+  return image.convert('L'), invert
 
 
 def check_any_readable(paths: list[pathlib.Path], invert: bool = False) -> None:

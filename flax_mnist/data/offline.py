@@ -22,15 +22,42 @@ from collections.abc import Iterator
 import numpy as np
 
 from flax_mnist.data import idx
+from flax_mnist.errors import DataError
 
 IdxSplits = dict[str, tuple[np.ndarray, np.ndarray]]
 ARRAY_RECORD = 'array_record'
+_MNIST_FAMILY = ('mnist', 'fashion_mnist', 'kmnist')  # tfds datasets of the four IDX files.
 
 
 def read_splits(idx_dir: str) -> IdxSplits:
   """{'train': (images, labels), 'test': ...} from `idx_dir`, all four files validated: what the
   prepared dataset will hold, so split sizes are known before anything is written."""
   return {name: idx.read_split(idx_dir, name) for name in idx.SPLIT_FILES}
+
+
+def check_files_belong(dataset: str, idx_dir: str) -> None:
+  """DataError if an IDX file in `idx_dir` is, by the SHA-256 that tfds registers for its
+  download, another MNIST-family dataset's: the four files look alike (digits, clothes and
+  kana share one format), so without this `--config.dataset=fashion_mnist` with MNIST's files
+  would prepare, and from then on read, digits under fashion_mnist's name. A file matching no
+  registered checksum (re-compressed, or not gzipped) is taken as it is."""
+  import hashlib
+
+  import tensorflow_datasets as tfds  # Imported by the caller already, with TF kept off GPUs.
+  owners = {}
+  for name in dict.fromkeys((*_MNIST_FAMILY, dataset)):
+    try:
+      infos = tfds.builder_cls(name).url_infos or {}
+    except Exception:  # Not a tfds dataset, or one without registered checksums.
+      continue
+    owners.update({info.checksum: name for info in infos.values()})
+  for stem in (stem for pair in idx.SPLIT_FILES.values() for stem in pair):
+    path = idx.find_idx_file(idx_dir, stem)
+    owner = owners.get(hashlib.sha256(path.read_bytes()).hexdigest())
+    if owner not in (None, dataset):
+      raise DataError(f"{path} is one of {owner}'s IDX files (tfds registers its SHA-256 for "
+                      f"{owner}), not {dataset}'s; pass --config.dataset={owner}, or the IDX "
+                      f'files of {dataset} as --config.idx_dir.')
 
 
 def split_sizes(splits: IdxSplits) -> dict[str, int]:
@@ -124,7 +151,6 @@ def add_array_record(builder, dataset: str, idx_dir: str, splits: IdxSplits | No
   import shutil
 
   from flax_mnist.data import tfds_source
-  from flax_mnist.errors import DataError
   splits = splits or read_splits(idx_dir)
   info = builder.info
   recorded = {name: info.splits[name].num_examples for name in info.splits}

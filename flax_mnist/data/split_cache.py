@@ -76,8 +76,8 @@ def _manifest(entry: zipfile.ZipFile) -> dict:
     return json.loads(f.read())
 
 
-def _examples(entry: pathlib.Path | None) -> int | None:
-  """The number of examples in `entry` while its dataset is unchanged; None otherwise."""
+def _recorded(entry: pathlib.Path | None) -> tuple[int, int] | None:
+  """(examples, label classes) of `entry` while its dataset is unchanged; None otherwise."""
   if entry is None:
     return None
   try:
@@ -85,22 +85,31 @@ def _examples(entry: pathlib.Path | None) -> int | None:
       manifest = _manifest(z)
     if _files(pathlib.Path(manifest['data_path'])) != manifest['files']:
       return None
-    return int(manifest['examples'])
+    return int(manifest['examples']), int(manifest['classes'])
   except Exception:  # Missing, damaged, or written by another version of this module.
     return None
 
 
 def size(config, split: str) -> int | None:
   """The number of examples of a cached, current split; None when it is not cached."""
-  return _examples(_entry(config, split))
+  recorded = _recorded(_entry(config, split))
+  return recorded and recorded[0]
+
+
+def classes(config, split: str) -> int | None:
+  """The label classes of the dataset a cached, current split came from (as tfds' info gave
+  them when it was stored), so a cached run still checks them against the model's."""
+  recorded = _recorded(_entry(config, split))
+  return recorded and recorded[1]
 
 
 def load(config, split: str) -> Split | None:
   """The cached split, or None when it is not cached or no longer current."""
   entry = _entry(config, split)
-  examples = _examples(entry)
-  if examples is None:
+  recorded = _recorded(entry)
+  if recorded is None:
     return None
+  examples = recorded[0]
   try:
     with np.load(entry, allow_pickle=False) as arrays:
       images, labels = arrays['images'], arrays['labels']
@@ -115,14 +124,15 @@ def load(config, split: str) -> Split | None:
 
 
 def store(config, split: str, data_path, loaded: Split) -> None:
-  """Adds a split just read through tfds from the prepared dataset in `data_path`. Best
-  effort: a cache that cannot be written (read-only home, full disk) changes nothing."""
+  """Adds a split just read through tfds from the prepared dataset in `data_path`, whose label
+  classes tfds_source.get_builder has found equal to config.num_classes. Best effort: a cache
+  that cannot be written (read-only home, full disk) changes nothing."""
   entry = _entry(config, split)
   if entry is None:
     return
   data_path = pathlib.Path(os.fspath(data_path)).resolve()
   manifest = dict(data_path=str(data_path), split=split, dataset=config.dataset,
-                  examples=len(loaded), files=_files(data_path))
+                  examples=len(loaded), classes=config.num_classes, files=_files(data_path))
   try:
     entry.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=entry.parent, suffix='.tmp', delete=False) as f:

@@ -128,13 +128,18 @@ def get_builder(config):
   names = set(features.keys()) if hasattr(features, 'keys') else set()
   image = features['image'] if 'image' in names else None
   label = features['label'] if 'label' in names else None
-  image_shape = tuple(image.shape) if image is not None else None
-  classes = getattr(label, 'num_classes', None)
+  check_features(config, tuple(image.shape) if image is not None else None,
+                 getattr(label, 'num_classes', None))
+  return builder
+
+
+def check_features(config, image_shape, classes) -> None:
+  """The dataset's images and label classes fit the model that config describes; one place for
+  the message, whether they come from tfds' info or from the split cache's record of it."""
   if image_shape != IMAGE_SHAPE or classes != config.num_classes:
     raise DataError(f'config.dataset={config.dataset!r} has images of shape {image_shape} and '
                     f'{classes} label classes; this model needs 28x28x1 images and '
                     f'{config.num_classes} classes (e.g. mnist, fashion_mnist, kmnist).')
-  return builder
 
 
 def split_dict(builder, sizes: dict[str, int]):

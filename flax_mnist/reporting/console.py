@@ -14,10 +14,15 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def epoch_line(row: dict, num_epochs: int, num_samples: int) -> str:
-  """One line per epoch, in the seed notebook's spirit."""
-  us_per_sample = 1e6 * row['seconds'] / max(num_samples, 1)
-  return (f"Epoch {row['epoch']}/{num_epochs} - {num_samples} samples - "
+def epoch_line(row: dict, num_epochs: int, num_samples: int, trained: int | None = None
+               ) -> str:
+  """One line per epoch, in the seed notebook's spirit. `trained`: the samples of the epoch's
+  `num_samples` that this process trained (default all; fewer after a mid-epoch resume), which
+  row['seconds'] timed, so us/sample is theirs."""
+  trained = num_samples if trained is None else trained
+  us_per_sample = 1e6 * row['seconds'] / max(trained, 1)
+  part = f' ({trained} since resuming)' if trained != num_samples else ''
+  return (f"Epoch {row['epoch']}/{num_epochs} - {num_samples} samples{part} - "
           f"{row['seconds']:.1f}s {us_per_sample:.0f}us/sample - loss: {row['loss']:.4f} - "
           f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - "
           f"val_accuracy: {row['val_accuracy']:.4f}")

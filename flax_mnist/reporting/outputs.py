@@ -33,16 +33,19 @@ class ModelOutputs:
   def writer(self, start_step: int) -> tensorboard.MetricWriter:
     return tensorboard.MetricWriter(self.workdir, start_step, self.config.log_every_steps)
 
-  def row(self, epoch, sums, evaluation, seconds, train_seconds, num_samples) -> dict:
-    """The epoch's metrics.jsonl row."""
+  def row(self, epoch, sums, evaluation, seconds, train_seconds, trained) -> dict:
+    """The epoch's metrics.jsonl row. All timings are this process's part of the epoch (after a
+    mid-epoch resume, the batches left): `seconds` its training and validation, and
+    samples_per_second the `trained` samples over `train_seconds`, its training alone."""
     (loss, accuracy), (val_loss, val_accuracy) = sums.means(), evaluation.means()
     return dict(epoch=epoch, loss=loss, accuracy=accuracy, val_loss=val_loss,
                 val_accuracy=val_accuracy, seconds=seconds,
-                samples_per_second=num_samples / train_seconds)
+                samples_per_second=trained / train_seconds)
 
-  def show(self, row: dict, num_samples: int) -> None:
-    """The epoch's console line, and its row appended to the metrics file."""
-    say(console.epoch_line(row, self.config.num_epochs, num_samples))
+  def show(self, row: dict, num_samples: int, trained: int | None = None) -> None:
+    """The epoch's console line, and its row appended to the metrics file; `trained` as in
+    console.epoch_line."""
+    say(console.epoch_line(row, self.config.num_epochs, num_samples, trained))
     if distributed.is_main():
       jsonl.append(self.workdir / jsonl.METRICS_FILE, row)
 
@@ -73,11 +76,12 @@ class LaneOutputs(ModelOutputs):
     return tensorboard.LaneWriters([summary.lane_dir(self.workdir, i) for i in range(self.lanes)],
                                    start_step, self.config.log_every_steps)
 
-  def row(self, epoch, sums, evaluation, seconds, train_seconds, num_samples) -> dict:
-    """The summary row over lanes, holding each lane's own row under 'lanes'."""
-    return summary.epoch_row(epoch, sums, evaluation, seconds, num_samples / train_seconds)
+  def row(self, epoch, sums, evaluation, seconds, train_seconds, trained) -> dict:
+    """The summary row over lanes, holding each lane's own row under 'lanes'; timings as in
+    ModelOutputs.row."""
+    return summary.epoch_row(epoch, sums, evaluation, seconds, trained / train_seconds)
 
-  def show(self, row: dict, num_samples: int) -> None:
+  def show(self, row: dict, num_samples: int, trained: int | None = None) -> None:
     say(summary.epoch_line(row, self.config.num_epochs))
     if distributed.is_main():
       summary.append(self.workdir, row)

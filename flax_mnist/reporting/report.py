@@ -22,7 +22,11 @@ NUM_ERRORS = 36  # Digits in errors.png (a 6x6 grid).
 
 def probabilities(graphdef, params, mesh, split: batches.Split,
                   batch_size: int) -> np.ndarray:
-  """Softmax outputs (N, classes) of the model on every example of `split`."""
+  """Softmax outputs (N, classes) of the model on every example of `split`, in batches of
+  `batch_size` but never more than the split holds: a split far smaller than eval_batch_size
+  is not padded up to it (an eval_batch_size of 100,000 made the report allocate 50 GB)."""
+  batch_size = max(min(batch_size, len(split)), 1)
+
   @jax.jit
   def predict(params, images):
     model = nnx.merge(graphdef, params)
