@@ -254,8 +254,10 @@ def _val_accuracy(metrics: dict) -> float:
 
 
 @contextlib.contextmanager
-def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Checkpoints]:
-  """Opens WORKDIR/checkpoints, keeping the newest `keep` checkpoints plus the best one.
+def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3,
+                     clean: bool = True) -> Iterator[Checkpoints]:
+  """Opens WORKDIR/checkpoints, keeping the newest `keep` checkpoints plus the best one;
+  `clean` removes the temporary folders of saves cut short (not beside a running training).
 
   On every exit path it waits for pending async saves (re-raising a failed one) and closes.
   """
@@ -266,7 +268,8 @@ def open_checkpoints(workdir: str | pathlib.Path, keep: int = 3) -> Iterator[Che
   if not isinstance(sys.unraisablehook, _WithoutOrbaxClosedLoops):
     sys.unraisablehook = _WithoutOrbaxClosedLoops(sys.unraisablehook)
   _make_folder(directory)
-  _remove_incomplete(directory)  # Here, not in orbax's background thread: done before use.
+  if clean:
+    _remove_incomplete(directory)  # Here, not in orbax's background thread: before use.
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=keep),
       policies.BestN(get_metric_fn=_val_accuracy, n=1,

@@ -88,6 +88,7 @@ def _last_line(error: BaseException) -> str:
 
 
 def _fail_config_file(argv: list[str], cause: str) -> None:
+  """One line for a config file that cannot be loaded, with the cause (its error's last line)."""
   _fail(f'cannot load config file {_config_argument(argv)!r} ({cause.rstrip(".")}); pass e.g. '
         '--config configs/base.py.')
 

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 
 from flax_mnist import checkpoints as checkpoints_lib
-from flax_mnist import distributed, loop, sharding
+from flax_mnist import distributed, loop, run_lock, schema, sharding
 from flax_mnist import steps as steps_lib
+from flax_mnist.data import checks
 from flax_mnist.data import images as images_lib
 from flax_mnist.data import tfds_source
 from flax_mnist.errors import ConfigError
@@ -77,7 +78,7 @@ def restore(config, plan, workdir: str, step: str) -> Restored:
   config.init_from's Keras weights."""
   mesh = sharding.make_mesh()
   directory = pathlib.Path(workdir) / 'checkpoints'
-  if not directory.is_dir() or not any(directory.iterdir()):
+  if not checks.has_checkpoints(workdir):
     if not config.init_from:
       raise checkpoints_lib.CheckpointError(
           f'no checkpoint in {directory}; train first, or pass --config.init_from=FILE.h5.')
@@ -85,7 +86,9 @@ def restore(config, plan, workdir: str, step: str) -> Restored:
     return Restored(graphdef, jax.device_put(state, sharding.replicated(mesh)), None,
                     plan.lanes)
   graphdef, state = steps_lib.abstract(config, plan, sharding.replicated(mesh))
-  with checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints) as checkpoints:
+  # Beside a training run, its save in progress is not a leftover to remove.
+  with checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints,
+                                        clean=not run_lock.busy(workdir)) as checkpoints:
     state, meta = checkpoints.restore(checkpoints.resolve_step(step), state, config.to_dict(),
                                       training=False)
   return Restored(graphdef, state, meta, plan.lanes)
@@ -135,6 +138,8 @@ def run_export(config, plan, workdir: str, step: str, output: str,
   if output:
     keras_export.check_name(output)
   restored = restore(config, plan, workdir, step)
+  if restored.meta is not None:  # The file records the checkpoint's training, not the flags'.
+    config = schema.as_trained(config, restored.meta.get('config', {}))
   paths = []
   for i in restored.selected(lane):
     path = pathlib.Path(output or lane_folder(workdir, restored, i) / keras_export.EXPORT_NAME)

@@ -198,6 +198,19 @@ def resume_differences(saved: dict, current: dict, training: bool = True) -> lis
           for n in names if saved.get(n) != current.get(n)]
 
 
+def as_trained(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
+  """`config` with its training_only fields as the checkpoint's `saved` config has them (a
+  field it lacks: its default), but `dtype`, which says how the model is read: what a file that
+  records how the model was trained (an export's optimizer and dropout) must say, when the
+  command line that reads the checkpoint gives other values."""
+  trained = config.copy_and_resolve_references()
+  with trained.unlocked():
+    for field in FIELDS:
+      if field.training_only and field.name != 'dtype':
+        trained[field.name] = saved.get(field.name, field.default)
+  return trained
+
+
 def describe(config: ml_collections.ConfigDict) -> str:
   """Every field with its value and meaning, one per line (--mode=config)."""
   width = max(map(len, BY_NAME))

@@ -56,12 +56,18 @@ def test_a_palette_image_with_a_transparent_colour_reads_its_alpha(tmp_path, whi
 
 @pytest.mark.parametrize('invert', [False, True])
 def test_opaque_alpha_is_read_as_the_colours_are(tmp_path, invert):
+  """Fully opaque, or opaque but for its top two rows."""
   rgb = _bar('RGB', (20, 60, 120), (250, 240, 230))
   rgba = rgb.convert('RGBA')
   la = rgb.convert('L').convert('LA')
   expected = images_lib.load_image(_save(tmp_path, rgb, 'rgb.png'), invert)
   assert np.ptp(expected) > 0.5
-  for name, image in [('rgba.png', rgba), ('la.png', la)]:
+  corners = rgba.copy()  # Mostly opaque: transparent corners (a screenshot's) change nothing.
+  corners.putalpha(255)
+  alpha = corners.getchannel('A')
+  alpha.paste(0, (0, 0, SIDE, 2))
+  corners.putalpha(alpha)
+  for name, image in [('rgba.png', rgba), ('la.png', la), ('corners.png', corners)]:
     pixels = images_lib.load_image(_save(tmp_path, image, name), invert)
     np.testing.assert_allclose(pixels, expected, atol=1 / 255)
 

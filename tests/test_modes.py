@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,11 +51,17 @@ def test_eval_without_checkpoint_writes_nothing(tmp_path, prepared_data_dir):
 
 
 def test_export_writes_the_requested_file(trained_workdir, prepared_data_dir, tmp_path):
+  """Under other training flags too, the file records how the checkpoint was trained."""
   out = tmp_path / 'exported.h5'
   result = _cli(trained_workdir, prepared_data_dir, '--mode=export', f'--output={out}',
-                '--step=best')
+                '--step=best', '--config.learning_rate=0.01', '--config.dense_dropout=0.1')
   assert result.returncode == 0, result.stderr[-2000:]
   assert out.is_file() and f'to {out}' in result.stdout
+  with h5py.File(out, 'r') as f:
+    optimizer = json.loads(f.attrs['training_config'])['optimizer_config']['config']
+    layers = json.loads(f.attrs['model_config'])['config']['layers']
+  assert optimizer['learning_rate'] == 0.001
+  assert [layer['config']['rate'] for layer in layers if 'rate' in layer['config']] == [0.25, 0.5]
 
 
 @pytest.fixture(scope='module')

@@ -24,14 +24,14 @@ def check(config, plan, mode: str, workdir: str | pathlib.Path, output: str = ''
   """Raises a FlaxMnistError (one line, naming the input and the fix) unless `mode` can run;
   prepares the dataset once every input that can be checked without it has passed."""
   # Where the mode writes: predict writes nothing, export with --output only beside it.
-  check_folder(workdir, '--workdir', writes=mode != 'predict' and not (mode == 'export'
-                                                                        and output))
+  writes_workdir = mode != 'predict' and not (mode == 'export' and output)
+  check_folder(workdir, '--workdir', writes=writes_workdir)
   if mode == 'export' and output:
     check_folder(pathlib.Path(output).parent, '--output', writes=True, named=output)
   reads_data = mode in _SPLITS and not _cached(config, _SPLITS[mode])
   if reads_data:
     builder, idx_splits = check_dataset(config, _SPLITS[mode])
-  if config.init_from and _has_checkpoints(workdir):  # Resuming: the weights are the run's.
+  if config.init_from and has_checkpoints(workdir):  # Resuming: the weights are the run's.
     from flax_mnist.reporting.console import say
     say(f'Not reading config.init_from={config.init_from}: {workdir} has checkpoints, which '
         f'--mode={mode} reads instead.')
@@ -70,19 +70,20 @@ def check_folder(path: str | pathlib.Path, flag: str, writes: bool = False,
 def _cached(config, split_fields: tuple[str, ...]) -> bool:
   """Whether every split is in the split cache (checked when it was stored, and its dataset
   unchanged since), with enough examples: then nothing about the dataset needs tfds."""
-  sizes = [split_cache.size(config, config[field]) for field in split_fields]
-  if None in sizes:
+  found = [split_cache.recorded(config, config[field]) for field in split_fields]
+  if None in found:
     return False
-  for field in split_fields:  # As get_builder checks tfds' info when not cached.
-    tfds_source.check_features(config, IMAGE_SHAPE, split_cache.classes(config, config[field]))
-  for field, examples in zip(split_fields, sizes):
+  for field, (examples, classes) in zip(split_fields, found):
+    tfds_source.check_features(config, IMAGE_SHAPE, classes)  # As get_builder does from tfds.
     _check_size(config, field, examples)
   return True
 
 
-def _has_checkpoints(workdir) -> bool:
+def has_checkpoints(workdir) -> bool:
+  """Whether the workdir holds a complete checkpoint (a step folder; not the temporary folder
+  of a save that a kill cut short, which opening the checkpoints removes)."""
   directory = pathlib.Path(workdir) / 'checkpoints'
-  return directory.is_dir() and any(directory.iterdir())
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def check_dataset(config, split_fields: tuple[str, ...]):

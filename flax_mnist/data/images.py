@@ -52,8 +52,8 @@ def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
 def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
   """Reads an image as 28x28 float32 grayscale in [0, 1] (white digit on black, as MNIST).
 
-  `invert` is for dark-on-light drawings. An image that is transparent anywhere is read by its
-  alpha (see _ink), so `invert` does not apply to it. Pillow's warnings (a
+  `invert` is for dark-on-light drawings. An image mostly transparent is read by its alpha
+  (see _ink), so `invert` does not apply to it. Pillow's warnings (a
   DecompressionBombWarning for images over Image.MAX_IMAGE_PIXELS, EXIF complaints) are not the
   user's concern: the image is read.
   """
@@ -80,12 +80,13 @@ def load_image(path: pathlib.Path, invert: bool = False) -> np.ndarray:
 
 def _ink(image, invert: bool):
   """(grayscale 'L' image, whether to invert it). Drawing apps and HTML canvases export strokes
-  on a transparent background whose colour is arbitrary (often black, as the ink): where an
-  image is transparent anywhere, its alpha is the ink, white on black whatever the colours, so
-  `invert` is not applied. A fully opaque image is read by its brightness."""
+  on a transparent background whose colour is arbitrary (often black, as the ink): where most
+  of an image is transparent, its alpha is the ink, white on black whatever the colours, so
+  `invert` is not applied. An image mostly opaque (a scan or screenshot with transparent
+  corners, say) is read by its brightness, as a fully opaque one."""
   if image.has_transparency_data:
     alpha = image.convert('RGBA').getchannel('A')
-    if alpha.getextrema()[0] < 255:
+    if np.asarray(alpha, np.float32).mean() < 127.5:
       return alpha, False
   return image.convert('L'), invert
 

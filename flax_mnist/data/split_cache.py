@@ -90,17 +90,17 @@ def _recorded(entry: pathlib.Path | None) -> tuple[int, int] | None:
     return None
 
 
+def recorded(config, split: str) -> tuple[int, int] | None:
+  """(examples, label classes) of a cached, current split, the classes as tfds' info gave them
+  when it was stored (so a cached run still checks them against the model's); None when it is
+  not cached."""
+  return _recorded(_entry(config, split))
+
+
 def size(config, split: str) -> int | None:
   """The number of examples of a cached, current split; None when it is not cached."""
-  recorded = _recorded(_entry(config, split))
-  return recorded and recorded[0]
-
-
-def classes(config, split: str) -> int | None:
-  """The label classes of the dataset a cached, current split came from (as tfds' info gave
-  them when it was stored), so a cached run still checks them against the model's."""
-  recorded = _recorded(_entry(config, split))
-  return recorded and recorded[1]
+  found = recorded(config, split)
+  return found and found[0]
 
 
 def load(config, split: str) -> Split | None:
