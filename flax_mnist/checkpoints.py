@@ -114,10 +114,11 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The step with the highest val_accuracy among the kept checkpoints (None when empty)."""
+    """The step with the highest val_accuracy among the kept checkpoints; None when none has
+    one (empty, or only a mid-epoch checkpoint, which is saved before any validation)."""
     scored = [(m['val_accuracy'], s) for s in self.steps()
               if (m := self.manager.metrics(s)) and 'val_accuracy' in m]
-    return max(scored)[1] if scored else self.latest_step()
+    return max(scored)[1] if scored else None
 
   def resolve_step(self, requested: str) -> int:
     """'latest', 'best' or a step number -> an existing step, or CheckpointError."""
@@ -127,7 +128,11 @@ class Checkpoints:
     if requested in ('latest', ''):
       return self.latest_step()
     if requested == 'best':
-      return self.best_step()
+      if (best := self.best_step()) is None:
+        raise CheckpointError(f'--step=best: no checkpoint in {self.directory} was validated '
+                              f'yet (step {self.latest_step()} was saved mid-epoch); pass '
+                              '--step=latest, or train on past the end of an epoch.')
+      return best
     if not requested.isdigit() or int(requested) not in self.steps():
       raise CheckpointError(f'--step={requested}: no such checkpoint in {self.directory}; '
                             f'available: {", ".join(map(str, self.steps()))}, latest, best.')

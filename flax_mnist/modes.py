@@ -11,6 +11,7 @@ import numpy as np
 
 from flax_mnist import checkpoints as checkpoints_lib
 from flax_mnist import distributed, loop, run_lock, schema, sharding
+from flax_mnist import lanes as lanes_lib
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import checks
 from flax_mnist.data import images as images_lib
@@ -140,12 +141,16 @@ def run_export(config, plan, workdir: str, step: str, output: str,
   restored = restore(config, plan, workdir, step)
   if restored.meta is not None:  # The file records the checkpoint's training, not the flags'.
     config = schema.as_trained(config, restored.meta.get('config', {}))
+  every_lane = lanes_lib.lanes(config)
   paths = []
   for i in restored.selected(lane):
     path = pathlib.Path(output or lane_folder(workdir, restored, i) / keras_export.EXPORT_NAME)
+    # Each lane's file records its own seed and swept values (learning rate, dropout).
+    lane_config = config if restored.lanes == 1 else lanes_lib.lane_config(config,
+                                                                         every_lane[i])
     if distributed.is_main():
       path.parent.mkdir(parents=True, exist_ok=True)
-      keras_export.export(restored.model(i), config, path)
+      keras_export.export(restored.model(i), lane_config, path)
     say(f'Exported {restored.describe(i)} to {path}')
     paths.append(path)
   return paths

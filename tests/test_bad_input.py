@@ -198,6 +198,22 @@ def test_folders_that_cannot_be_written(tmp_path, flags, expected):
   _assert_one_line_and_nothing_written(result, tmp_path, expected)
 
 
+@pytest.mark.parametrize('mode, workdir, output, flag', [
+    ('train', 'gs://bucket/run', '', '--workdir=gs://bucket/run'),
+    ('predict', 'gs://bucket/run', '', '--workdir=gs://bucket/run'),
+    ('export', 'w', 's3://bucket/m.h5', '--output=s3://bucket/m.h5'),
+])
+def test_a_url_for_a_folder_is_refused(tmp_path, monkeypatch, mode, workdir, output, flag):
+  """pathlib reads gs://bucket/run as the local folder gs:/bucket/run: refused, not created."""
+  from flax_mnist.data import checks
+  from flax_mnist.errors import WorkdirError
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(WorkdirError, match=f'^{flag}: a URL; flax_mnist writes to local folders '
+                     'only'):
+    checks.check(base_config(), None, mode, workdir, output=output)
+  assert not list(tmp_path.iterdir())
+
+
 def test_a_read_only_workdir_still_predicts_and_exports_elsewhere(tmp_path, monkeypatch):
   from flax_mnist.data import checks
   from flax_mnist.errors import WorkdirError

@@ -152,3 +152,20 @@ def test_a_long_error_keeps_the_os_reason_where_it_stands():
   assert len(summary) < 300
   assert checkpoints_lib._summary(OSError('short: File too large')) == (
       'OSError: short: File too large')
+
+
+def test_best_is_the_best_validated_step_and_an_error_before_any(tmp_path):
+  """Mid-epoch checkpoints (saved by a stop, before validation) have no score: --step=best
+  skips them, and with nothing else kept says so instead of returning an unvalidated step."""
+  state = {'w': np.zeros(3, np.float32)}
+  with checkpoints_lib.open_checkpoints(tmp_path) as checkpoints:
+    checkpoints.save(3, state, {'epoch': 0}, None)
+    checkpoints.manager.wait_until_finished()
+    with pytest.raises(checkpoints_lib.CheckpointError,
+                       match=r'^--step=best: no checkpoint in .* was validated yet \(step 3 was '
+                             r'saved mid-epoch\); pass --step=latest'):
+      checkpoints.resolve_step('best')
+    checkpoints.save(5, state, {'epoch': 1}, 0.9)
+    checkpoints.save(7, state, {'epoch': 1}, None)
+    checkpoints.manager.wait_until_finished()
+    assert [checkpoints.resolve_step(s) for s in ('best', 'latest', '3')] == [5, 7, 3]

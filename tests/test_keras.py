@@ -103,6 +103,10 @@ def test_export_names_a_known_format_before_restoring(tmp_path):
   config = base_config()
   with pytest.raises(keras_export.ExportNameError, match=r'\.h5 or \.hdf5 name .* or a \.keras'):
     keras_export.export(_cnn(config), config, tmp_path / 'model.txt')
+  with pytest.raises(keras_export.ExportNameError,
+                     match=r'MODEL\.H5: write the suffix in lower case \(MODEL\.h5\)'):
+    keras_export.check_name(tmp_path / 'MODEL.H5')
+  assert not list(tmp_path.iterdir())
   with pytest.raises(keras_export.ExportNameError):  # Not "no checkpoint": checked first.
     modes.run_export(config, plan_lib.decide(config), str(tmp_path / 'empty'), 'latest',
                      str(tmp_path / 'model.keras5'))

@@ -271,6 +271,30 @@ def test_lane_state_is_the_lanes_own(two_tiny_lanes):
     np.testing.assert_array_equal(got, want)
 
 
+def test_each_lane_exports_its_own_seed_and_swept_values(prepared_data_dir, tmp_path):
+  """A sweep's lanes differ in learning rate and dropout: each lane's Keras file says its own,
+  not the base config's (the weights here are one init_from file, so no training is needed)."""
+  import h5py
+  from flax_mnist.keras import export as keras_export
+  single = small_config(prepared_data_dir)
+  graphdef, state, _ = steps_lib.create(single, cpu_plan(single))
+  weights = tmp_path / 'init.h5'
+  keras_export.export(loop.nnx_model(graphdef, state), single, weights)
+  config = small_config(prepared_data_dir, init_from=str(weights),
+                        sweep='learning_rate=0.002,0.004; dense_dropout=0.25,0.4')
+  paths = modes.run_export(config, cpu_plan(config), str(tmp_path / 'w'), 'latest', '')
+  written = []
+  for path in paths:
+    with h5py.File(path, 'r') as f:
+      training, model = (json.loads(f.attrs[k]) for k in ('training_config', 'model_config'))
+    dropouts = [layer['config']['rate'] for layer in model['config']['layers']
+                if layer['class_name'] == 'Dropout']
+    written += [training['optimizer_config']['config']['learning_rate'], dropouts[-1]]
+  assert written == pytest.approx([0.002, 0.25, 0.002, 0.4, 0.004, 0.25, 0.004, 0.4])
+  assert [p.relative_to(tmp_path / 'w').as_posix() for p in paths] == [
+      f'models/{i}/keras_cnn.h5' for i in range(4)]
+
+
 # The command line: console lines, and the modes with and without --lane.
 
 def test_three_lanes_on_the_command_line(prepared_data_dir, tmp_path, digit_files):

@@ -71,7 +71,8 @@ def test_throughput_counts_only_the_samples_this_process_trained(tmp_path, capsy
   row = out.row(1, _sums(50.0, 90, 100), _sums(20.0, 45, 50), 3.0, 2.0, 300)
   assert row['samples_per_second'] == 150.0 and row['seconds'] == 3.0
   out.show(row, 1000, 300)
-  assert '1000 samples (300 since resuming) - 3.0s 10000us/sample' in capsys.readouterr().out
+  # 3 s with validation; per sample, the 2 s of training alone.
+  assert '1000 samples (300 since resuming) - 3.0s 6667us/sample' in capsys.readouterr().out
   lanes = outputs.for_plan(_config(num_models=2), types.SimpleNamespace(lanes=2), tmp_path)
   train = _sums([50.0, 40.0], [90, 80], [100, 100])
   evaluation = (_sums([20.0, 10.0], [45, 40], [50, 50]), _sums(12.0, 46, 50))

@@ -46,7 +46,11 @@ def check_folder(path: str | pathlib.Path, flag: str, writes: bool = False,
   """A folder (--workdir, --output's) that is a file, lies under one, is a link to nothing,
   cannot be reached or, where the mode writes, cannot be written fails here in one line, naming
   `flag`'s value (`named`, else the folder); later it would be a traceback from the first mkdir
-  or open, after the dataset was prepared or the checkpoint restored."""
+  or open, after the dataset was prepared or the checkpoint restored. A URL (gs://...) fails
+  too: as a path it would name a local folder 'gs:' below the current one."""
+  if '://' in str(named or path):
+    raise WorkdirError(f'{flag}={named or path}: a URL; flax_mnist writes to local folders only '
+                       f'(mount a bucket, e.g. with gcsfuse, and pass the mounted folder).')
   path = pathlib.Path(path)
   flag_value = f'{flag}={named or path}'
   try:

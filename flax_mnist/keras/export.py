@@ -36,6 +36,10 @@ def check_name(path: str | pathlib.Path) -> pathlib.Path:
   Checked before any work, so that a typo fails at once, not after restoring a checkpoint.
   """
   path = pathlib.Path(path)
+  if path.suffix != path.suffix.lower() and path.suffix.lower() in (*H5_SUFFIXES, '.keras'):
+    raise ExportNameError(f'{path}: write the suffix in lower case ({path.stem}'
+                          f'{path.suffix.lower()}); Keras\' loaders know a file by its lower-case '
+                          '.h5, .hdf5 or .keras suffix.')
   if path.suffix not in (*H5_SUFFIXES, '.keras'):
     raise ExportNameError(f'{path}: a Keras file needs a .h5 or .hdf5 name (HDF5, as the '
                           'seed\'s) or a .keras name (Keras 3\'s native format).')

@@ -16,11 +16,12 @@ def say(text: str) -> None:
 
 def epoch_line(row: dict, num_epochs: int, num_samples: int, trained: int | None = None
                ) -> str:
-  """One line per epoch, in the seed notebook's spirit. `trained`: the samples of the epoch's
-  `num_samples` that this process trained (default all; fewer after a mid-epoch resume), which
-  row['seconds'] timed, so us/sample is theirs."""
+  """One line per epoch, in the seed notebook's spirit: the epoch's seconds (training and
+  validation), then, as Keras' time per step, the training's alone per sample (the row's
+  samples_per_second). `trained`: the samples of the epoch's `num_samples` that this process
+  trained (default all; fewer after a mid-epoch resume), which that rate counts."""
   trained = num_samples if trained is None else trained
-  us_per_sample = 1e6 * row['seconds'] / max(trained, 1)
+  us_per_sample = 1e6 / row['samples_per_second']
   part = f' ({trained} since resuming)' if trained != num_samples else ''
   return (f"Epoch {row['epoch']}/{num_epochs} - {num_samples} samples{part} - "
           f"{row['seconds']:.1f}s {us_per_sample:.0f}us/sample - loss: {row['loss']:.4f} - "
