@@ -98,6 +98,14 @@ def lane_config(config, lane: Lane):
   return single
 
 
+def model_configs(config) -> list:
+  """The config that each model of `config` trains, in lane order: `config` itself for a
+  single model (what a model's Keras file records: its own seed, learning rate, dropout)."""
+  if count(config) == 1:
+    return [config]
+  return [lane_config(config, lane) for lane in lanes(config)]
+
+
 def swept_values(config) -> dict[str, np.ndarray]:
   """name -> float32 (lanes,) for every swept field: the traced per-lane hyperparameters."""
   all_lanes = lanes(config)

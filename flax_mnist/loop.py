@@ -17,6 +17,7 @@ from flax import nnx
 
 from flax_mnist import checkpoints as checkpoints_lib
 from flax_mnist import distributed, epochs, interrupt, model as model_lib, run_lock, sharding
+from flax_mnist import lanes as lanes_lib
 from flax_mnist import plan as plan_lib
 from flax_mnist import steps as steps_lib
 from flax_mnist.data import batches, tfds_source
@@ -180,9 +181,10 @@ class _Run:
 
   def finish(self, state, eval_split, history) -> None:
     """The seed's keras_cnn.h5 and the report's plots (each lane's in its folder)."""
-    for model_state, model_history, folder in self.outputs.models(state, history):
+    models = zip(self.outputs.models(state, history), lanes_lib.model_configs(self.config))
+    for (model_state, model_history, folder), model_config in models:
       if distributed.is_main():
-        path = keras_export.export_h5(nnx_model(self.graphdef, model_state), self.config,
+        path = keras_export.export_h5(nnx_model(self.graphdef, model_state), model_config,
                                       folder / keras_export.EXPORT_NAME)
         say(f'Saved the Keras model to {path}')
       report.write_report(self.graphdef, model_state.params, self.mesh, self.config,

@@ -141,16 +141,13 @@ def run_export(config, plan, workdir: str, step: str, output: str,
   restored = restore(config, plan, workdir, step)
   if restored.meta is not None:  # The file records the checkpoint's training, not the flags'.
     config = schema.as_trained(config, restored.meta.get('config', {}))
-  every_lane = lanes_lib.lanes(config)
+  configs = lanes_lib.model_configs(config)
   paths = []
   for i in restored.selected(lane):
     path = pathlib.Path(output or lane_folder(workdir, restored, i) / keras_export.EXPORT_NAME)
-    # Each lane's file records its own seed and swept values (learning rate, dropout).
-    lane_config = config if restored.lanes == 1 else lanes_lib.lane_config(config,
-                                                                         every_lane[i])
     if distributed.is_main():
       path.parent.mkdir(parents=True, exist_ok=True)
-      keras_export.export(restored.model(i), lane_config, path)
+      keras_export.export(restored.model(i), configs[i], path)
     say(f'Exported {restored.describe(i)} to {path}')
     paths.append(path)
   return paths

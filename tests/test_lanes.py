@@ -153,6 +153,16 @@ def test_the_ensemble_averages_the_lanes_probabilities(three_lanes):
 
 # Sweeps: traced hyperparameters, one compile.
 
+def _recorded(path):
+  """(learning rate, dense dropout) that a Keras .h5 file records."""
+  import h5py
+  with h5py.File(path, 'r') as f:
+    training, model = (json.loads(f.attrs[k]) for k in ('training_config', 'model_config'))
+  dropouts = [layer['config']['rate'] for layer in model['config']['layers']
+              if layer['class_name'] == 'Dropout']
+  return training['optimizer_config']['config']['learning_rate'], dropouts[-1]
+
+
 def test_a_sweep_lane_trains_like_the_single_run_of_its_values(prepared_data_dir, tmp_path):
   config = small_config(prepared_data_dir, sweep='learning_rate=3e-3,1e-3; dense_dropout=0.2')
   history = loop.train_and_evaluate(config, str(tmp_path / 'sweep'))
@@ -170,6 +180,8 @@ def test_a_sweep_lane_trains_like_the_single_run_of_its_values(prepared_data_dir
   assert (ours == theirs).mean() >= 0.995
   finals = [row['loss'] for row in history[-1]['lanes']]
   assert len(set(finals)) > 1  # Lane 1 (learning_rate 1e-3) did differ.
+  assert [_recorded(tmp_path / 'sweep' / 'models' / str(i) / 'keras_cnn.h5') for i in (0, 1)
+          ] == [pytest.approx((3e-3, 0.2)), pytest.approx((1e-3, 0.2))]
 
 
 # Resume, the device-resident path and several devices.
@@ -274,7 +286,6 @@ def test_lane_state_is_the_lanes_own(two_tiny_lanes):
 def test_each_lane_exports_its_own_seed_and_swept_values(prepared_data_dir, tmp_path):
   """A sweep's lanes differ in learning rate and dropout: each lane's Keras file says its own,
   not the base config's (the weights here are one init_from file, so no training is needed)."""
-  import h5py
   from flax_mnist.keras import export as keras_export
   single = small_config(prepared_data_dir)
   graphdef, state, _ = steps_lib.create(single, cpu_plan(single))
@@ -283,13 +294,7 @@ def test_each_lane_exports_its_own_seed_and_swept_values(prepared_data_dir, tmp_
   config = small_config(prepared_data_dir, init_from=str(weights),
                         sweep='learning_rate=0.002,0.004; dense_dropout=0.25,0.4')
   paths = modes.run_export(config, cpu_plan(config), str(tmp_path / 'w'), 'latest', '')
-  written = []
-  for path in paths:
-    with h5py.File(path, 'r') as f:
-      training, model = (json.loads(f.attrs[k]) for k in ('training_config', 'model_config'))
-    dropouts = [layer['config']['rate'] for layer in model['config']['layers']
-                if layer['class_name'] == 'Dropout']
-    written += [training['optimizer_config']['config']['learning_rate'], dropouts[-1]]
+  written = [value for path in paths for value in _recorded(path)]
   assert written == pytest.approx([0.002, 0.25, 0.002, 0.4, 0.004, 0.25, 0.004, 0.4])
   assert [p.relative_to(tmp_path / 'w').as_posix() for p in paths] == [
       f'models/{i}/keras_cnn.h5' for i in range(4)]
