@@ -113,22 +113,27 @@ class Checkpoints:
     """The newest complete checkpoint's step, or None when there is none."""
     return self.manager.latest_step()
 
-  def best_step(self) -> int | None:
-    """The step with the highest val_accuracy among the kept checkpoints; None when none has
-    one (empty, or only a mid-epoch checkpoint, which is saved before any validation)."""
-    scored = [(m['val_accuracy'], s) for s in self.steps()
-              if (m := self.manager.metrics(s)) and 'val_accuracy' in m]
-    return max(scored)[1] if scored else None
+  def best_step(self, lane: int | None = None) -> int | None:
+    """The step with the highest val_accuracy among the kept checkpoints (of a lanes run: the
+    lanes' mean, or lane `lane`'s own, read from the checkpoint's history); None when none was
+    validated (empty, or only a mid-epoch checkpoint, which is saved before any validation)."""
+    validated = [(m['val_accuracy'], s) for s in self.steps()
+                 if (m := self.manager.metrics(s)) and 'val_accuracy' in m]
+    if lane is not None:
+      validated = [(self.read_meta(s)['history'][-1]['lanes'][lane]['val_accuracy'], s)
+                   for _, s in validated]
+    return max(validated)[1] if validated else None
 
-  def resolve_step(self, requested: str) -> int:
-    """'latest', 'best' or a step number -> an existing step, or CheckpointError."""
+  def resolve_step(self, requested: str, lane: int | None = None) -> int:
+    """'latest', 'best' (lane `lane`'s best, of a lanes run) or a step number -> an existing
+    step, or CheckpointError."""
     if not self.steps():
       raise CheckpointError(f'no checkpoint in {self.directory}; train first (--mode=train) '
                             'or pass --config.init_from=FILE.h5.')
     if requested in ('latest', ''):
       return self.latest_step()
     if requested == 'best':
-      if (best := self.best_step()) is None:
+      if (best := self.best_step(lane)) is None:
         raise CheckpointError(f'--step=best: no checkpoint in {self.directory} was validated '
                               f'yet (step {self.latest_step()} was saved mid-epoch); pass '
                               '--step=latest, or train on past the end of an epoch.')

@@ -113,7 +113,17 @@ class _Run:
     if resume is None:  # Else said by `epochs`, which knows the epoch's length.
       say(f"Resumed from epoch {meta['epoch']}, step {int(state.step)} "
           f'({self.checkpoints.directory})')
+    self.say_if_validated_elsewhere(meta)
     return Start(state, meta['epoch'], meta['history'], resume)
+
+  def say_if_validated_elsewhere(self, meta: dict) -> None:
+    """eval_split may change between runs (it shapes no state), but the metrics of the epochs
+    before and after then compare different sets: the run says so once."""
+    before, now = meta['config'].get('eval_split', self.config.eval_split), self.config.eval_split
+    if before != now and meta['epoch'] < self.config.num_epochs and meta['epoch'] > 0:
+      say(f"Note: validating on {now} from epoch {meta['epoch'] + 1} on; epochs up to "
+          f"{meta['epoch']} were validated on {before}, so their val_ metrics (and "
+          '--step=best) compare different sets.')
 
   def meta(self, epoch: int, history: list[dict], **extra) -> dict:
     return dict(epoch=epoch, config=self.config.to_dict(), plan=self.plan.to_dict(),

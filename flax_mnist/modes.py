@@ -35,6 +35,9 @@ class Restored:
     which = '' if lane is None or self.lanes == 1 else f' lane {lane}'
     if self.meta is None:
       return f'the init_from weights{which}'
+    if partial := self.meta.get('partial'):  # Saved by a stop, mid-epoch.
+      return (f"step {int(self.state.step)} ({partial['batches']} batches into epoch "
+              f"{partial['epoch']}, saved mid-epoch){which}")
     return f"step {int(self.state.step)} (epoch {self.meta['epoch']}){which}"
 
   def lane_state(self, lane: int | None) -> steps_lib.TrainState:
@@ -74,9 +77,10 @@ def check_lane(plan, mode: str, lane: int | None, output: str = '') -> None:
                       'of them, or no --lane for all.')
 
 
-def restore(config, plan, workdir: str, step: str) -> Restored:
+def restore(config, plan, workdir: str, step: str, lane: int | None = None) -> Restored:
   """Checkpoint `step` ('latest', 'best', N) of workdir, or, when the workdir has none,
-  config.init_from's Keras weights."""
+  config.init_from's Keras weights. With `lane` (a lanes run's --lane), 'best' is that lane's
+  best checkpoint; without, the best by the lanes' mean."""
   mesh = sharding.make_mesh()
   directory = pathlib.Path(workdir) / 'checkpoints'
   if not checks.has_checkpoints(workdir):
@@ -90,15 +94,15 @@ def restore(config, plan, workdir: str, step: str) -> Restored:
   # Beside a training run, its save in progress is not a leftover to remove.
   with checkpoints_lib.open_checkpoints(workdir, config.keep_checkpoints,
                                         clean=not run_lock.busy(workdir)) as checkpoints:
-    state, meta = checkpoints.restore(checkpoints.resolve_step(step), state, config.to_dict(),
-                                      training=False)
+    found = checkpoints.resolve_step(step, lane if plan.lanes > 1 else None)
+    state, meta = checkpoints.restore(found, state, config.to_dict(), training=False)
   return Restored(graphdef, state, meta, plan.lanes)
 
 
 def run_eval(config, plan, workdir: str, step: str, lane: int | None = None) -> dict:
   """Evaluates a checkpoint on config.eval_split; prints and appends to WORKDIR/eval.jsonl.
   With lanes: lane `lane`, or (None) every lane and their ensemble."""
-  restored = restore(config, plan, workdir, step)
+  restored = restore(config, plan, workdir, step, lane)
   mesh = sharding.make_mesh()
   split = tfds_source.load_split(config, config.eval_split)
   one = restored.lanes == 1 or lane is not None
@@ -110,6 +114,8 @@ def run_eval(config, plan, workdir: str, step: str, lane: int | None = None) -> 
   meta = restored.meta
   row = dict(step=int(restored.state.step), epoch=meta['epoch'] if meta else None,
              split=config.eval_split)
+  if meta and meta.get('partial'):  # `epoch` counts whole epochs; this one is under way.
+    row['mid_epoch'] = dict(epoch=meta['partial']['epoch'], batches=meta['partial']['batches'])
   if one:
     row.update(zip(('val_loss', 'val_accuracy'), sums.means()))
     if restored.lanes > 1:
@@ -138,7 +144,7 @@ def run_export(config, plan, workdir: str, step: str, output: str,
   is restored, so that a typo fails at once."""
   if output:
     keras_export.check_name(output)
-  restored = restore(config, plan, workdir, step)
+  restored = restore(config, plan, workdir, step, lane)
   if restored.meta is not None:  # The file records the checkpoint's training, not the flags'.
     config = schema.as_trained(config, restored.meta.get('config', {}))
   configs = lanes_lib.model_configs(config)
@@ -195,7 +201,7 @@ def run_predict(config, plan, workdir: str, step: str, images: str, invert: bool
     raise images_lib.ImageError('--images names no files; pass PATH[,PATH...] or a quoted '
                                 'GLOB.')
   images_lib.check_any_readable(paths, invert)  # Before the checkpoint is read.
-  restored = restore(config, plan, workdir, step)
+  restored = restore(config, plan, workdir, step, lane)
   models = [restored.model(i) for i in restored.selected(lane)]
   if len(models) > 1:
     say(f'Predictions of the ensemble of {len(models)} lanes:')
@@ -207,7 +213,7 @@ def run_report(config, plan, workdir: str, step: str, lane: int | None = None
   """Redraws WORKDIR/plots from checkpoint `step` (confusion matrix, errors on
   config.eval_split) and metrics.jsonl (curves; the checkpoint's own history if it is empty).
   With lanes: those of lane `lane`, or of every lane, in WORKDIR/models/<lane>/."""
-  restored = restore(config, plan, workdir, step)
+  restored = restore(config, plan, workdir, step, lane)
   meta = restored.meta
   split = tfds_source.load_split(config, config.eval_split)
   paths = []

@@ -195,7 +195,16 @@ def resume_differences(saved: dict, current: dict, training: bool = True) -> lis
   free = {f.name for f in FIELDS if f.resumable or (f.training_only and not training)}
   names = sorted((set(saved) | set(current)) - free)
   return [f'{n}: {saved.get(n, "(absent)")!r} -> {current.get(n, "(absent)")!r}'
-          for n in names if saved.get(n) != current.get(n)]
+          for n in names if _meaning(n, saved.get(n)) != _meaning(n, current.get(n))]
+
+
+def _meaning(name: str, value):
+  """A field's value as it is understood: a sweep's grid, however spaced or its numbers
+  written ('1e-3' or '0.001')."""
+  if name == 'sweep' and isinstance(value, str):
+    from flax_mnist import lanes  # lanes imports this module lazily; no cycle at import.
+    return lanes.parse_sweep(value)
+  return value
 
 
 def as_trained(config: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:

@@ -45,14 +45,20 @@ def test_finished_run_is_a_no_op(trained_workdir, prepared_data_dir, capsys):
   assert sorted(p.name for p in (trained_workdir / 'checkpoints').iterdir()) == before
 
 
-def test_metrics_rows_follow_the_checkpoint(prepared_data_dir, tmp_path):
+def test_metrics_rows_follow_the_checkpoint(prepared_data_dir, tmp_path, capsys):
+  """Rows of a lost run are dropped; a changed eval_split is said once (its rows differ)."""
   workdir = tmp_path / 'w'
   loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), str(workdir))
   with open(workdir / 'metrics.jsonl', 'a') as f:  # As if killed after logging epoch 2 only.
     f.write(json.dumps({'epoch': 2, 'loss': 0.0}) + '\n')
-  rows = loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2), str(workdir))
+  capsys.readouterr()
+  rows = loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=2,
+                                              eval_split='test[:400]'), str(workdir))
   logged = jsonl.read(workdir / 'metrics.jsonl')
   assert [r['epoch'] for r in logged] == [1, 2] and logged[1]['loss'] == rows[1]['loss'] > 0
+  assert ('Note: validating on test[:400] from epoch 2 on; epochs up to 1 were validated on '
+          'test[:600], so their val_ metrics (and --step=best) compare different sets.'
+          ) in capsys.readouterr().out
 
 
 def test_keeps_latest_and_best(prepared_data_dir, tmp_path):
@@ -169,3 +175,16 @@ def test_best_is_the_best_validated_step_and_an_error_before_any(tmp_path):
     checkpoints.save(7, state, {'epoch': 1}, None)
     checkpoints.manager.wait_until_finished()
     assert [checkpoints.resolve_step(s) for s in ('best', 'latest', '3')] == [5, 7, 3]
+
+
+def test_a_lanes_best_is_the_lanes_mean_or_one_lanes_own(tmp_path):
+  """A lanes run scores each checkpoint by the lanes' mean; --lane=N --step=best reads lane N's
+  own val_accuracy from the checkpoint's history."""
+  state = {'w': np.zeros(3, np.float32)}
+  with checkpoints_lib.open_checkpoints(tmp_path) as checkpoints:
+    for step, accuracies in ((5, (0.97, 0.91)), (10, (0.95, 0.99))):
+      row = dict(lanes=[dict(val_accuracy=a) for a in accuracies])
+      checkpoints.save(step, state, {'epoch': step // 5, 'history': [row]},
+                       float(np.mean(accuracies)))
+    checkpoints.manager.wait_until_finished()
+    assert [checkpoints.resolve_step('best', lane) for lane in (None, 0, 1)] == [10, 5, 10]

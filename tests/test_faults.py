@@ -102,6 +102,10 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_bit_for_bit(prepared_data_dir, refer
     assert checkpoints.steps() == [10, 13]
     assert checkpoints.best_step() == 10  # A mid-epoch checkpoint has no val_accuracy.
     assert checkpoints.read_meta(13)['partial']['batches'] == 3
+  plan = cpu_plan(config)
+  assert modes.restore(config, plan, str(workdir), 'latest').describe() == (
+      'step 13 (3 batches into epoch 2, saved mid-epoch)')
+  assert modes.restore(config, plan, str(workdir), 'best').describe() == 'step 10 (epoch 1)'
   capsys.readouterr()
   history = loop.train_and_evaluate(config, str(workdir))
   assert without_timings(history) == without_timings(reference[1])

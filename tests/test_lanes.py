@@ -313,7 +313,7 @@ def test_three_lanes_on_the_command_line(prepared_data_dir, tmp_path, digit_file
   assert '3 lanes of this model: 0: seed 42; 1: seed 43; 2: seed 44' in out
   epoch_lines = [line for line in out.splitlines() if line.startswith('Epoch ')]
   assert len(epoch_lines) == 1 and all(
-      ' - 3 models - ' in line and ' - val_accuracy: 0.' in line and ' +- ' in line
+      ' - 3 models of 1000 samples - ' in line and ' - val_accuracy: 0.' in line and ' +- ' in line
       and ' - ensemble val_accuracy: 0.' in line for line in epoch_lines), epoch_lines
   assert 'lane  model' in out and '   2  seed 44' in out and 'Ensemble of 3: val_accuracy' in out
   history = [json.loads(line) for line in (workdir / 'summary.jsonl').read_text().splitlines()]

@@ -79,3 +79,5 @@ def test_throughput_counts_only_the_samples_this_process_trained(tmp_path, capsy
   row = lanes.row(1, train, evaluation, 3.0, 2.0, 300)
   assert [lane['samples_per_second'] for lane in row['lanes']] == [150.0, 150.0]
   assert row['samples_per_second'] == 300.0
+  assert summary.epoch_line(row, 2, 1000, 300).startswith(  # Lanes say a resumed epoch too.
+      'Epoch 1/2 - 2 models of 1000 samples (300 since resuming) - 3.0s - ')

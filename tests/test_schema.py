@@ -94,6 +94,17 @@ def test_resume_differences_ignore_resumable_fields_and_default_missing_ones():
       "dtype: 'float32' -> 'bfloat16'"]
 
 
+def test_a_sweep_is_compared_by_its_grid_not_its_spelling():
+  saved = dict(base.get_config().to_dict(), sweep='learning_rate=1e-3,3e-3; dense_dropout=0.25')
+  for same in ('learning_rate=1e-3,3e-3;dense_dropout=0.25',
+               ' learning_rate = 0.001, 0.003 ; dense_dropout=.25 ;'):
+    assert schema.resume_differences(saved, dict(saved, sweep=same)) == []
+  for other in ('learning_rate=3e-3,1e-3; dense_dropout=0.25',  # Another lane order.
+                'dense_dropout=0.25; learning_rate=1e-3,3e-3'):
+    assert schema.resume_differences(saved, dict(saved, sweep=other)) == [
+        f"sweep: {saved['sweep']!r} -> {other!r}"]
+
+
 def test_reading_a_checkpoint_ignores_how_it_was_trained():
   """eval, export, predict and report need the model's fields, not the training command's."""
   saved = base.get_config().to_dict()

@@ -82,7 +82,7 @@ class LaneOutputs(ModelOutputs):
     return summary.epoch_row(epoch, sums, evaluation, seconds, trained / train_seconds)
 
   def show(self, row: dict, num_samples: int, trained: int | None = None) -> None:
-    say(summary.epoch_line(row, self.config.num_epochs))
+    say(summary.epoch_line(row, self.config.num_epochs, num_samples, trained))
     if distributed.is_main():
       summary.append(self.workdir, row)
 

@@ -44,11 +44,16 @@ def epoch_row(epoch: int, train, evaluation, seconds: float, lane_samples_per_se
   return row
 
 
-def epoch_line(row: dict, num_epochs: int) -> str:
-  """One console line per epoch: mean +- std over lanes, and the ensemble's accuracy."""
+def epoch_line(row: dict, num_epochs: int, num_samples: int, trained: int | None = None
+               ) -> str:
+  """One console line per epoch: mean +- std over lanes, and the ensemble's accuracy; after a
+  mid-epoch resume, how many of the epoch's `num_samples` samples per lane were `trained`
+  since (the seconds are theirs), as console.epoch_line says it."""
   stats = ' - '.join(f"{k}: {row[f'{k}_mean']:.4f} +- {row[f'{k}_std']:.4f}" for k in STAT_KEYS)
-  return (f"Epoch {row['epoch']}/{num_epochs} - {row['models']} models - {row['seconds']:.1f}s "
-          f"- {stats} - ensemble val_accuracy: {row['ensemble_val_accuracy']:.4f}")
+  part = '' if trained in (None, num_samples) else f' ({trained} since resuming)'
+  return (f"Epoch {row['epoch']}/{num_epochs} - {row['models']} models of {num_samples} samples"
+          f"{part} - {row['seconds']:.1f}s - {stats} - ensemble val_accuracy: "
+          f"{row['ensemble_val_accuracy']:.4f}")
 
 
 def final_table(config, history: list[dict]) -> str:
