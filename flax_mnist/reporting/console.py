@@ -20,13 +20,17 @@ def epoch_line(row: dict, num_epochs: int, num_samples: int, trained: int | None
   validation), then, as Keras' time per step, the training's alone per sample (the row's
   samples_per_second). `trained`: the samples of the epoch's `num_samples` that this process
   trained (default all; fewer after a mid-epoch resume), which that rate counts."""
-  trained = num_samples if trained is None else trained
   us_per_sample = 1e6 / row['samples_per_second']
-  part = f' ({trained} since resuming)' if trained != num_samples else ''
-  return (f"Epoch {row['epoch']}/{num_epochs} - {num_samples} samples{part} - "
+  return (f"Epoch {row['epoch']}/{num_epochs} - {samples(num_samples, trained)} - "
           f"{row['seconds']:.1f}s {us_per_sample:.0f}us/sample - loss: {row['loss']:.4f} - "
           f"accuracy: {row['accuracy']:.4f} - val_loss: {row['val_loss']:.4f} - "
           f"val_accuracy: {row['val_accuracy']:.4f}")
+
+
+def samples(num_samples: int, trained: int | None = None) -> str:
+  """'N samples', and after a mid-epoch resume how many of them were trained since."""
+  part = '' if trained in (None, num_samples) else f' ({trained} since resuming)'
+  return f'{num_samples} samples{part}'
 
 
 class ProgressBar:

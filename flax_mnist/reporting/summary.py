@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 
 from flax_mnist import lanes as lanes_lib
-from flax_mnist.reporting import jsonl
+from flax_mnist.reporting import console, jsonl
 
 SUMMARY_FILE = 'summary.jsonl'
 STAT_KEYS = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
@@ -50,10 +50,9 @@ def epoch_line(row: dict, num_epochs: int, num_samples: int, trained: int | None
   mid-epoch resume, how many of the epoch's `num_samples` samples per lane were `trained`
   since (the seconds are theirs), as console.epoch_line says it."""
   stats = ' - '.join(f"{k}: {row[f'{k}_mean']:.4f} +- {row[f'{k}_std']:.4f}" for k in STAT_KEYS)
-  part = '' if trained in (None, num_samples) else f' ({trained} since resuming)'
-  return (f"Epoch {row['epoch']}/{num_epochs} - {row['models']} models of {num_samples} samples"
-          f"{part} - {row['seconds']:.1f}s - {stats} - ensemble val_accuracy: "
-          f"{row['ensemble_val_accuracy']:.4f}")
+  return (f"Epoch {row['epoch']}/{num_epochs} - {row['models']} models of "
+          f"{console.samples(num_samples, trained)} - {row['seconds']:.1f}s - {stats} - "
+          f"ensemble val_accuracy: {row['ensemble_val_accuracy']:.4f}")
 
 
 def final_table(config, history: list[dict]) -> str:
