@@ -130,7 +130,6 @@ def run_mode(config, plan, workdir: str) -> int:
   from flax_mnist.data import checks
   host_memory.resume_collector()  # The imports are done.
   lane = _LANE.value
-  modes.check_lane(plan, _MODE.value, lane, _OUTPUT.value)
   checks.check(config, plan, _MODE.value, workdir, _OUTPUT.value)  # Before any writing.
   if _MODE.value == 'train':
     loop.train_and_evaluate(config, workdir, plan)
@@ -163,6 +162,8 @@ def main(argv) -> None:
     distributed.initialize(config)  # Before any other JAX call.
     enable_compilation_cache()
     decided = plan.decide(config)
+    from flax_mnist.modes import check_lane  # Needs the plan's lanes, not the plan line.
+    check_lane(decided, _MODE.value, _LANE.value, _OUTPUT.value)
     say(decided.line())
     sys.exit(run_mode(config, decided, _WORKDIR.value or default_workdir()))
   except FlaxMnistError as e:

@@ -203,8 +203,8 @@ def run_predict(config, plan, workdir: str, step: str, images: str, invert: bool
   images_lib.check_any_readable(paths, invert)  # Before the checkpoint is read.
   restored = restore(config, plan, workdir, step, lane)
   models = [restored.model(i) for i in restored.selected(lane)]
-  if len(models) > 1:
-    say(f'Predictions of the ensemble of {len(models)} lanes:')
+  by = f'the ensemble of {len(models)} lanes, ' if len(models) > 1 else ''
+  say(f'Predictions of {by}{restored.describe(lane)}:')
   return classify_files(models, paths, invert, say)
 
 

@@ -298,3 +298,21 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes_bit_for_bit(
   assert not list(workdir.glob('checkpoints/*tmp*'))
   assert [r['epoch'] for r in jsonl.read(workdir / 'metrics.jsonl')] == [1, 2, 3]
   assert_same_params(final_params(tiny_config(prepared_data_dir), workdir), reference[2])
+
+
+@pytest.mark.parametrize('num_models', [1, 2])
+def test_ctrl_c_before_the_first_step_leaves_no_outputs(prepared_data_dir, tmp_path,
+                                                        monkeypatch, num_models):
+  """Stopped while compiling: no metrics, lane folders or TensorBoard files of a run that
+  trained nothing (the next run starts as if this one had not)."""
+  workdir = tmp_path / 'w'
+  real_compile = loop.compile_eval
+
+  def compile_eval(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the steps compile.
+    return real_compile(*args)
+  monkeypatch.setattr(loop, 'compile_eval', compile_eval)
+  with pytest.raises(interrupt.Interrupted, match='^interrupted before the first step'):
+    loop.train_and_evaluate(tiny_config(prepared_data_dir, num_models=num_models), str(workdir))
+  left = sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
+  assert left == ['checkpoints'], left

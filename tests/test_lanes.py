@@ -330,6 +330,7 @@ def test_three_lanes_on_the_command_line(prepared_data_dir, tmp_path, digit_file
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       'error: --lane=3: this config has 3 lanes (0 to 2); pass one of them, or no --lane for '
       'all.']
+  assert bad.stdout == ''  # Refused before the plan line.
 
   exported = _cli(workdir, prepared_data_dir, *lanes_flag, '--mode=export', '--lane=1',
                   f'--output={tmp_path}/lane1.keras')
@@ -342,7 +343,7 @@ def test_three_lanes_on_the_command_line(prepared_data_dir, tmp_path, digit_file
   predicted = _cli(workdir, prepared_data_dir, *lanes_flag, '--mode=predict',
                    f'--images={folder}/digit*.png')
   assert predicted.returncode == 0, predicted.stderr[-2000:]
-  assert 'Predictions of the ensemble of 3 lanes:' in predicted.stdout
+  assert 'Predictions of the ensemble of 3 lanes, step ' in predicted.stdout
   for line, path, p in zip(predicted.stdout.strip().splitlines()[-8:], paths, expected):
     assert line == f'{path}: {int(p.argmax())} ({float(p.max()):.4f})'
 

@@ -107,7 +107,9 @@ def test_predict_reports_bad_files_and_classifies_the_rest(trained_workdir, prep
   assert result.stderr.strip().splitlines()[-2:] == [
       f'error: {folder}/notes.png: not a readable image (UnidentifiedImageError); pass PNG or '
       'JPEG files.', f'error: {folder}/missing.png: no such file.']
-  classified = [line.split(': ')[0] for line in result.stdout.strip().splitlines()[1:]]
+  header, *lines = result.stdout.strip().splitlines()[1:]  # After the plan line.
+  assert header == 'Predictions of step 10 (epoch 2):'
+  classified = [line.split(': ')[0] for line in lines]
   assert classified == [str(folder / name) for name in ['big_rgb.png', *(p.name for p in paths),
                                                         'paper.jpg']]
 

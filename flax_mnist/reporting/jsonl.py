@@ -20,10 +20,14 @@ def append(path: pathlib.Path, row: dict) -> None:
     f.flush()
 
 
-def rewrite(path: pathlib.Path, history: list[dict]) -> None:
-  """Writes `history` (a checkpoint's) as the whole file: the checkpoint is the truth, so rows
-  of epochs that a kill left without a checkpoint are dropped."""
-  path.write_text(''.join(map(line, history)))
+def rewrite(path: pathlib.Path, history: list[dict], render=line) -> None:
+  """Writes `history` (a checkpoint's) as the whole file, a `render`ed line per row: the
+  checkpoint is the truth, so rows of epochs that a kill left without a checkpoint are dropped.
+  No history, no file: a run stopped before its first epoch leaves none behind."""
+  if history:
+    path.write_text(''.join(map(render, history)))
+  else:
+    path.unlink(missing_ok=True)
 
 
 def read(path: pathlib.Path) -> list[dict]:

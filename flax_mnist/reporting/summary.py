@@ -79,9 +79,10 @@ def summary_line(row: dict) -> str:
 def rewrite(workdir, history: list[dict], lanes: int) -> None:
   """summary.jsonl and every lane's metrics.jsonl, from a checkpoint's history."""
   workdir = pathlib.Path(workdir)
-  (workdir / SUMMARY_FILE).write_text(''.join(map(summary_line, history)))
+  jsonl.rewrite(workdir / SUMMARY_FILE, history, summary_line)
   for lane in range(lanes):
-    lane_dir(workdir, lane).mkdir(parents=True, exist_ok=True)
+    if history:
+      lane_dir(workdir, lane).mkdir(parents=True, exist_ok=True)
     jsonl.rewrite(lane_dir(workdir, lane) / jsonl.METRICS_FILE,
                   [row['lanes'][lane] for row in history])
 
@@ -91,4 +92,5 @@ def append(workdir, row: dict) -> None:
   with open(pathlib.Path(workdir) / SUMMARY_FILE, 'a') as f:
     f.write(summary_line(row))
   for lane, lane_row in enumerate(row['lanes']):
+    lane_dir(workdir, lane).mkdir(parents=True, exist_ok=True)
     jsonl.append(lane_dir(workdir, lane) / jsonl.METRICS_FILE, lane_row)

@@ -48,27 +48,33 @@ class MetricWriter:
     self.enabled = distributed.is_main() if enabled is None else enabled
     self.log_every_steps = log_every_steps
     self.logdir = pathlib.Path(workdir) / LOG_DIR
+    self.start_step = start_step
     self._events = None
-    if self.enabled:
+    if self.enabled and self.logdir.exists():
+      trim_events(self.logdir, start_step)
+
+  def _opened(self):
+    """The event file, created with its restart marker at the first write: a run stopped before
+    it logs anything leaves no TensorBoard folder behind."""
+    if self._events is None:
       from tensorboardX import event_file_writer
       from tensorboardX.proto import event_pb2
-      self._pb = event_pb2
       self.logdir.mkdir(parents=True, exist_ok=True)
-      trim_events(self.logdir, start_step)
       self._events = event_file_writer.EventsWriter(
-          str(self.logdir / 'events'), filename_suffix=f'.{os.getpid()}.{start_step}')
+          str(self.logdir / 'events'), filename_suffix=f'.{os.getpid()}.{self.start_step}')
       self._events.write_event(event_pb2.Event(
-          step=start_step + 1, session_log=event_pb2.SessionLog(
+          step=self.start_step + 1, session_log=event_pb2.SessionLog(
               status=event_pb2.SessionLog.START)))
+    return self._events
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     """Writes {tag: value} at global step `step`."""
     if not self.enabled:
       return
     from tensorboardX import summary
-    from tensorboardX.proto import summary_pb2
+    from tensorboardX.proto import event_pb2, summary_pb2
     values = [summary.scalar(tag, float(value)).value[0] for tag, value in scalars.items()]
-    self._events.write_event(self._pb.Event(step=int(step), summary=summary_pb2.Summary(
+    self._opened().write_event(event_pb2.Event(step=int(step), summary=summary_pb2.Summary(
         value=values)))
 
   def write_epoch(self, step: int, row: dict) -> None:
@@ -82,7 +88,7 @@ class MetricWriter:
 
   def flush(self) -> None:
     """Makes everything written so far durable."""
-    if self.enabled:
+    if self.enabled and self._events is not None:
       self._events.flush()
 
   def close(self) -> None:
