@@ -75,8 +75,10 @@ def train_and_evaluate(config, workdir: str, plan: plan_lib.Plan | None = None) 
     if distributed.is_main():
       run.outputs.rewrite(start.history)  # As the checkpoint has them.
     if start.epoch >= config.num_epochs:
-      say(f'Already finished: epoch {start.epoch}/{config.num_epochs} in {workdir}; nothing to '
-          'do (raise --config.num_epochs to train on).')
+      where = (f'epoch {start.epoch}/{config.num_epochs}' if start.epoch == config.num_epochs
+               else f'epoch {start.epoch}, past num_epochs={config.num_epochs}')
+      say(f'Already finished: {where} in {workdir}; nothing to do (raise --config.num_epochs to '
+          'train on).')
       return start.history
     return run.epochs(start)
 
@@ -166,9 +168,12 @@ class _Run:
         writer.flush()  # The steps logged so far, up to the checkpoint that `stop` saves.
         self.stop(stop.state, history, stop)
       resume = None
+      # JAX dispatches asynchronously: without a progress bar or step logging nothing has waited
+      # for the steps yet, and the timings would measure their queueing, not their work.
+      jax.block_until_ready((state, sums))
       train_seconds = time.perf_counter() - began
-      evaluation = evaluate(evaluate_step, state.params, mesh, eval_split,
-                            config.eval_batch_size, self.plan.eval_batch)
+      evaluation = jax.block_until_ready(evaluate(evaluate_step, state.params, mesh, eval_split,
+                                                  config.eval_batch_size, self.plan.eval_batch))
       row = self.outputs.row(epoch, sums, evaluation, time.perf_counter() - began,
                              train_seconds, trained)
       history = self.record(state, history, row, writer, num_samples, trained)

@@ -42,6 +42,8 @@ def test_finished_run_is_a_no_op(trained_workdir, prepared_data_dir, capsys):
   rows = loop.train_and_evaluate(small_config(prepared_data_dir), str(trained_workdir))
   assert 'Already finished: epoch 2/2' in capsys.readouterr().out
   assert [r['epoch'] for r in rows] == [1, 2]
+  loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1), str(trained_workdir))
+  assert 'Already finished: epoch 2, past num_epochs=1 in ' in capsys.readouterr().out
   assert sorted(p.name for p in (trained_workdir / 'checkpoints').iterdir()) == before
 
 

@@ -107,6 +107,10 @@ def test_export_names_a_known_format_before_restoring(tmp_path):
                      match=r'MODEL\.H5: write the suffix in lower case \(MODEL\.h5\)'):
     keras_export.check_name(tmp_path / 'MODEL.H5')
   assert not list(tmp_path.iterdir())
+  (tmp_path / 'taken.h5').mkdir()  # A folder in the way: one line, no .partial file left.
+  with pytest.raises(keras_export.ExportNameError, match=r'taken\.h5: is a folder; pass a file '):
+    keras_export.export(_cnn(config), config, tmp_path / 'taken.h5')
+  assert [p.name for p in tmp_path.iterdir()] == ['taken.h5']
   with pytest.raises(keras_export.ExportNameError):  # Not "no checkpoint": checked first.
     modes.run_export(config, plan_lib.decide(config), str(tmp_path / 'empty'), 'latest',
                      str(tmp_path / 'model.keras5'))

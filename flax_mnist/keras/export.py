@@ -43,6 +43,8 @@ def check_name(path: str | pathlib.Path) -> pathlib.Path:
   if path.suffix not in (*H5_SUFFIXES, '.keras'):
     raise ExportNameError(f'{path}: a Keras file needs a .h5 or .hdf5 name (HDF5, as the '
                           'seed\'s) or a .keras name (Keras 3\'s native format).')
+  if path.is_dir():
+    raise ExportNameError(f'{path}: is a folder; pass a file name (e.g. {path / EXPORT_NAME}).')
   return path
 
 

@@ -71,7 +71,7 @@ def write_report(graphdef, params, mesh, config, split: batches.Split,
     paths.append(plots.curves(history, folder / 'curves.png', mark_epoch,
                               f'{config.dataset}: training curves'))
   else:
-    say('No metrics history (metrics.jsonl is empty): curves.png not written.')
+    say('No metrics history (no epoch in metrics.jsonl): curves.png not written.')
   matrix = confusion_counts(split.labels, predicted, config.num_classes)
   paths.append(plots.confusion_matrix(matrix, folder / 'confusion_matrix.png',
                                       f'Confusion matrix: {name}, accuracy {accuracy:.4f}'))
