@@ -112,8 +112,12 @@ def run_eval(config, plan, workdir: str, step: str, lane: int | None = None) -> 
   sums = loop.evaluate(evaluate_step, state.params, mesh, split, config.eval_batch_size,
                        plan.eval_batch)
   meta = restored.meta
+  # What was asked (--step=best, latest) beside what it resolved to; the weights' file if no
+  # checkpoint was read.
   row = dict(step=int(restored.state.step), epoch=meta['epoch'] if meta else None,
-             split=config.eval_split)
+             split=config.eval_split, requested=step)
+  if meta is None:
+    row['init_from'] = str(config.init_from)
   if meta and meta.get('partial'):  # `epoch` counts whole epochs; this one is under way.
     row['mid_epoch'] = dict(epoch=meta['partial']['epoch'], batches=meta['partial']['batches'])
   if one:
@@ -151,10 +155,11 @@ def run_export(config, plan, workdir: str, step: str, output: str,
   paths = []
   for i in restored.selected(lane):
     path = pathlib.Path(output or lane_folder(workdir, restored, i) / keras_export.EXPORT_NAME)
+    replaced = ' (replacing the file there)' if path.exists() else ''
     if distributed.is_main():
       path.parent.mkdir(parents=True, exist_ok=True)
       keras_export.export(restored.model(i), configs[i], path)
-    say(f'Exported {restored.describe(i)} to {path}')
+    say(f'Exported {restored.describe(i)} to {path}{replaced}')
     paths.append(path)
   return paths
 

@@ -339,6 +339,7 @@ def test_init_from_starts_eval_and_training_from_the_file(trained_workdir, prepa
   row = modes.run_eval(config, plan, str(tmp_path / 'eval'), 'latest')  # No checkpoint: the .h5.
   recorded = jsonl.read(trained_workdir / jsonl.METRICS_FILE)[-1]
   assert row['val_accuracy'] == recorded['val_accuracy']
+  assert jsonl.read(tmp_path / 'eval' / 'eval.jsonl') == [row] and row['init_from'] == h5
   fresh = loop.train_and_evaluate(small_config(prepared_data_dir, num_epochs=1),
                                   str(tmp_path / 'fresh'))
   warm = loop.train_and_evaluate(config, str(tmp_path / 'warm'), plan)

@@ -35,6 +35,7 @@ def test_eval_reproduces_the_recorded_val_accuracy(trained_workdir, prepared_dat
   recorded = jsonl.read(trained_workdir / 'metrics.jsonl')[-1]
   row = json.loads((trained_workdir / 'eval.jsonl').read_text().splitlines()[-1])
   assert row['val_accuracy'] == recorded['val_accuracy'] and row['epoch'] == 2
+  assert row['requested'] == 'latest' and row['step'] == 10 and 'init_from' not in row
   assert f"val_accuracy: {recorded['val_accuracy']:.4f}" in result.stdout
 
 
@@ -50,13 +51,17 @@ def test_eval_without_checkpoint_writes_nothing(tmp_path, prepared_data_dir):
   assert not (tmp_path / 'empty').exists()
 
 
-def test_export_writes_the_requested_file(trained_workdir, prepared_data_dir, tmp_path):
-  """Under other training flags too, the file records how the checkpoint was trained."""
+def test_export_writes_the_requested_file(trained_workdir, prepared_data_dir, tmp_path, capsys):
+  """Under other training flags too, the file records how the checkpoint was trained; a file
+  already there is replaced, and the line says so."""
   out = tmp_path / 'exported.h5'
   result = _cli(trained_workdir, prepared_data_dir, '--mode=export', f'--output={out}',
                 '--step=best', '--config.learning_rate=0.01', '--config.dense_dropout=0.1')
   assert result.returncode == 0, result.stderr[-2000:]
-  assert out.is_file() and f'to {out}' in result.stdout
+  assert out.is_file() and f'to {out}\n' in result.stdout
+  config = small_config(prepared_data_dir)
+  modes.run_export(config, cpu_plan(config), str(trained_workdir), 'best', str(out))
+  assert f'to {out} (replacing the file there)' in capsys.readouterr().out
   with h5py.File(out, 'r') as f:
     optimizer = json.loads(f.attrs['training_config'])['optimizer_config']['config']
     layers = json.loads(f.attrs['model_config'])['config']['layers']
