@@ -9,10 +9,10 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   or 5), else im2col with a written backward; on GPU im2col for the 1-channel first layer,
   XLA's (cuDNN) for the rest; XLA's on TPU.
 - micro-batches (CPU only): gradients summed over micro-batches whose activations stay in the
-  cache: 50 examples per device with a Winograd conv2; with im2col, as many as keep conv2's
-  patches within a byte budget; at most that, and the most that divides the batch, for the
-  train and the eval batch each (batch 128 with eval batch 1000: 32 and 50, not their common
-  8). A batch with no such divisor near the size is padded to an even split instead (127: 3
+  cache: 50 examples per device with a Winograd conv2 of the seed's widths (fewer for wider
+  layers); with im2col, as many as keep conv2's patches within a byte budget; at most that,
+  and the most that divides the batch, for the train and the eval batch each (batch 128 with
+  eval batch 1000: 32 and 50, not their common 8). A batch with no such divisor near the size is padded to an even split instead (127: 3
   micro-batches of 43, 2 rows masked). Elsewhere the whole batch.
 - pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
@@ -40,7 +40,10 @@ from flax_mnist.sharding import padded_size
 from flax_mnist.ops.winograd import KERNEL_SIZES as WINOGRAD_KERNEL_SIZES
 # Bytes of conv2 im2col patches per micro-batch and device on CPU, per implementation.
 _CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
-_CPU_WINOGRAD_EXAMPLES = 50  # Winograd conv2: examples per micro-batch and device on CPU.
+# Winograd conv2: examples per micro-batch and device on CPU at the seed's widths (32 channels
+# in, 64 out). Its tile arrays grow with both widths, so wider layers get proportionally fewer
+# examples (conv2 width 128: 25, 256: 10 measured 8-27% faster than 50; benchmarks/RESULTS.md).
+_CPU_WINOGRAD_EXAMPLES, _CPU_WINOGRAD_CHANNELS = 50, 32 + 64
 # Kernel sizes whose inference pools in Winograd's tiles: 5x5's 8x8 tiles make the one-pass
 # sums (676 terms per tile and channel) slower than two passes (benchmarks/RESULTS.md).
 _POOL_IN_TILES_KERNEL_SIZES = (3,)
@@ -147,7 +150,9 @@ def batch_layout(config, backend: str, devices: int, conv2: str,
 def _cpu_micro_batch_examples(config, conv2: str) -> int:
   """Examples per device in a CPU micro-batch whose activations stay in the cache."""
   if conv2 == 'winograd':
-    return _CPU_WINOGRAD_EXAMPLES
+    channels = config.conv1_features + config.conv2_features
+    return max(_CPU_WINOGRAD_EXAMPLES * _CPU_WINOGRAD_CHANNELS // max(channels,
+                                                                     _CPU_WINOGRAD_CHANNELS), 1)
   side = geometry.conv_sides(config.kernel_size)[1]
   patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
   return max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)

@@ -46,6 +46,11 @@ def _micro(backend, devices, **overrides):
 def test_auto_micro_batch_size():
   assert _micro('cpu', 1) == 50  # auto: winograd conv2 on CPU.
   assert _micro('cpu', 1, kernel_size=5) == 50
+  # Wider Winograd layers: fewer examples, so that their tiles stay in the cache (30 -> 25 and
+  # 16 -> 10, the largest divisors of 500); narrower ones keep 50.
+  assert _micro('cpu', 1, conv2_features=128) == 25
+  assert _micro('cpu', 1, conv2_features=256) == 10
+  assert _micro('cpu', 1, conv2_features=32, conv1_features=16) == 50
   assert _micro('cpu', 4) == 100  # 200 -> 100: 200 does not divide 500.
   assert _micro('cpu', 1, conv_impl='im2col_vjp') == 20
   assert _micro('cpu', 1, conv_impl='im2col_vjp', kernel_size=5) == 10
