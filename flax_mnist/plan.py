@@ -12,8 +12,9 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   cache: 50 examples per device with a Winograd conv2 of the seed's widths (fewer for wider
   layers); with im2col, as many as keep conv2's patches within a byte budget; at most that,
   and the most that divides the batch, for the train and the eval batch each (batch 128 with
-  eval batch 1000: 32 and 50, not their common 8). A batch with no such divisor near the size is padded to an even split instead (127: 3
-  micro-batches of 43, 2 rows masked). Elsewhere the whole batch.
+  eval batch 1000: 32 and 50, not their common 8). A batch with no such divisor near the size
+  is padded to an even split instead (127: 3 micro-batches of 43, 2 rows masked). Elsewhere
+  the whole batch.
 - pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
