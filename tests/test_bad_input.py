@@ -231,6 +231,21 @@ def test_a_read_only_workdir_still_predicts_and_exports_elsewhere(tmp_path, monk
     checks.check(base_config(), None, 'export', tmp_path / 'w', output='/x/m.h5')
 
 
+@pytest.mark.parametrize('lanes', [1, 3])
+def test_a_folder_where_the_keras_file_goes_is_refused_before_training(tmp_path, lanes):
+  """Training writes WORKDIR/keras_cnn.h5 (each lane's in models/<lane>/) at its end."""
+  import types
+  from flax_mnist.data import checks
+  from flax_mnist.errors import WorkdirError
+  folder = tmp_path / 'w' / ('models/2/keras_cnn.h5' if lanes > 1 else 'keras_cnn.h5')
+  folder.mkdir(parents=True)
+  for mode in ('train', 'export'):
+    with pytest.raises(WorkdirError, match=f'^{folder}: a folder where the run writes its Keras '
+                       'file; move it away, or pass another --workdir.$'):
+      checks.check(base_config(), types.SimpleNamespace(lanes=lanes), mode, tmp_path / 'w')
+  checks.check(base_config(), None, 'export', tmp_path / 'w', output=str(tmp_path / 'm.h5'))
+
+
 def test_init_from_beside_checkpoints_is_named_as_not_read(tmp_path, capsys):
   """A resume (the same command again) keeps its init_from; the run says it reads the
   checkpoints instead, even when the file is gone, rather than ignoring it in silence."""

@@ -28,6 +28,8 @@ def check(config, plan, mode: str, workdir: str | pathlib.Path, output: str = ''
   check_folder(workdir, '--workdir', writes=writes_workdir)
   if mode == 'export' and output:
     check_folder(pathlib.Path(output).parent, '--output', writes=True, named=output)
+  elif mode in ('train', 'export'):
+    check_keras_files(workdir, plan.lanes if plan else 1)
   reads_data = mode in _SPLITS and not _cached(config, _SPLITS[mode])
   if reads_data:
     builder, idx_splits = check_dataset(config, _SPLITS[mode])
@@ -69,6 +71,20 @@ def check_folder(path: str | pathlib.Path, flag: str, writes: bool = False,
     except OSError as e:
       raise WorkdirError(f'{flag_value}: {existing} cannot be written '
                          f'({e.strerror or type(e).__name__}); pass another {flag}.') from None
+
+
+def check_keras_files(workdir: str | pathlib.Path, lanes: int) -> None:
+  """The Keras files that training (at its end) and export write by default, WORKDIR/
+  keras_cnn.h5 or each lane's in WORKDIR/models/<lane>/, must not be folders: found when the
+  file is written, after every epoch, it was a traceback."""
+  from flax_mnist.keras.layout import EXPORT_NAME
+  from flax_mnist.reporting.summary import lane_dir
+  folders = [pathlib.Path(workdir)] if lanes == 1 else [lane_dir(workdir, i)
+                                                         for i in range(lanes)]
+  for path in (folder / EXPORT_NAME for folder in folders):
+    if path.is_dir():
+      raise WorkdirError(f'{path}: a folder where the run writes its Keras file; move it '
+                         'away, or pass another --workdir.')
 
 
 def _cached(config, split_fields: tuple[str, ...]) -> bool:
