@@ -57,11 +57,6 @@ def single(plan):
   return dataclasses.replace(plan, lanes=1, lanes_per_pass=1)
 
 
-def lane_folder(workdir, restored: Restored, lane: int | None) -> pathlib.Path:
-  """Where a lane's files go: WORKDIR/models/<lane>, or WORKDIR for a single model."""
-  return pathlib.Path(workdir) if restored.lanes == 1 else summary.lane_dir(workdir, lane)
-
-
 def check_lane(plan, mode: str, lane: int | None, output: str = '') -> None:
   """ConfigError unless --lane (None: not given) names a lane of the plan; before anything is
   read or written. (main refuses it for modes that take none.)"""
@@ -154,7 +149,8 @@ def run_export(config, plan, workdir: str, step: str, output: str,
   configs = lanes_lib.model_configs(config)
   paths = []
   for i in restored.selected(lane):
-    path = pathlib.Path(output or lane_folder(workdir, restored, i) / keras_export.EXPORT_NAME)
+    folder = summary.model_dir(workdir, restored.lanes, i)
+    path = pathlib.Path(output or folder / keras_export.EXPORT_NAME)
     replaced = ' (replacing the file there)' if path.exists() else ''
     if distributed.is_main():
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +219,7 @@ def run_report(config, plan, workdir: str, step: str, lane: int | None = None
   split = tfds_source.load_split(config, config.eval_split)
   paths = []
   for i in restored.selected(lane):
-    folder = lane_folder(workdir, restored, i)
+    folder = summary.model_dir(workdir, restored.lanes, i)
     history = jsonl.read(folder / jsonl.METRICS_FILE)
     if not history and meta:
       history = [row['lanes'][i] if restored.lanes > 1 else row for row in meta['history']]

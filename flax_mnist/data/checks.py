@@ -78,10 +78,8 @@ def check_keras_files(workdir: str | pathlib.Path, lanes: int) -> None:
   keras_cnn.h5 or each lane's in WORKDIR/models/<lane>/, must not be folders: found when the
   file is written, after every epoch, it was a traceback."""
   from flax_mnist.keras.layout import EXPORT_NAME
-  from flax_mnist.reporting.summary import lane_dir
-  folders = [pathlib.Path(workdir)] if lanes == 1 else [lane_dir(workdir, i)
-                                                         for i in range(lanes)]
-  for path in (folder / EXPORT_NAME for folder in folders):
+  from flax_mnist.reporting.summary import model_dir
+  for path in (model_dir(workdir, lanes, i) / EXPORT_NAME for i in range(lanes)):
     if path.is_dir():
       raise WorkdirError(f'{path}: a folder where the run writes its Keras file; move it '
                          'away, or pass another --workdir.')

@@ -20,6 +20,11 @@ def lane_dir(workdir, lane: int) -> pathlib.Path:
   return pathlib.Path(workdir) / lanes_lib.MODELS_DIR / str(lane)
 
 
+def model_dir(workdir, lanes: int, lane: int | None) -> pathlib.Path:
+  """Where a model's files go: WORKDIR for a single model, lane_dir for one of several."""
+  return pathlib.Path(workdir) if lanes == 1 else lane_dir(workdir, lane)
+
+
 def epoch_row(epoch: int, train, evaluation, seconds: float, lane_samples_per_second: float
               ) -> dict:
   """An epoch's summary row with its per-lane rows under 'lanes'. `train` holds per-lane
