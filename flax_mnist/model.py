@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_mnist import geometry
-from flax_mnist.ops import conv, dropout, once, pool, winograd
+from flax_mnist.ops import conv, dropout, once, pool
 
 _KERNEL_INIT = nnx.initializers.glorot_uniform()  # Keras' default for Conv2D and Dense.
 _BIAS_INIT = nnx.initializers.zeros_init()
@@ -32,6 +32,7 @@ class CNN(nnx.Module):
                           conv_general_dilated=conv.FUNCTIONS[plan.conv2], **common)
     self.relu_pool = pool.VARIANTS[plan.pool]
     self.pool_in_tiles = plan.pool_in_tiles
+    self.conv_relu_max_pool = conv.POOLED.get(plan.conv2)
     self.conv_dropout = config.conv_dropout
     self.pooled_stored = plan.pooled_stored
     pooled = geometry.conv_sides(config.kernel_size)[2]
@@ -51,8 +52,8 @@ class CNN(nnx.Module):
     x = x.reshape((x.shape[0], *geometry.IMAGE_SHAPE))
     x = nnx.relu(self.conv1(x))
     if self.pool_in_tiles and not train:  # Forward only: no written gradient.
-      x = winograd.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...],
-                                      self.conv2.precision)
+      x = self.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...],
+                                  self.conv2.precision)
     elif train:
       def pool_and_dropout(keys, x):
         return dropout.dropout(self.relu_pool(x), conv_rate, keys, layer=0)

@@ -6,8 +6,10 @@ stored in each checkpoint's metadata. No other module asks JAX which backend it 
 policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
 
 - conv: on CPU, Winograd F(4x4, k x k) for layers with several input channels (float32, k = 3
-  or 5), else im2col with a written backward; on GPU im2col for the 1-channel first layer,
-  XLA's (cuDNN) for the rest; XLA's on TPU.
+  or 5): in C++ kernels (ops/winograd_native.cc) on one device where they build, else
+  computed by XLA (ops/winograd.py), the plan line saying why; other layers im2col with a
+  written backward. On GPU im2col for the 1-channel first layer, XLA's (cuDNN) for the rest;
+  XLA's on TPU.
 - micro-batches (CPU only): gradients summed over micro-batches whose activations stay in the
   cache: 50 examples per device with a Winograd conv2 of the seed's widths (fewer for wider
   layers); with im2col, as many as keep conv2's patches within a byte budget; at most that,
@@ -19,9 +21,10 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
   in float32 with a 3x3 Winograd conv2, conv2's bias, ReLU and pool are taken in its tiles
-  (pool_in_tiles; at 5x5 that measured slower). In training there, in one process and one
-  lane a pass, the ReLU, pool and conv dropout are computed in a pass of their own and stored
-  (pooled_stored; at 5x5 no gain).
+  (pool_in_tiles; at 5x5 that measured slower with XLA's Winograd, faster with the C++
+  kernels). In training there, in one process and one lane a pass, the ReLU, pool and conv
+  dropout are computed in a pass of their own and stored (pooled_stored; at 5x5 no gain with
+  XLA's Winograd, a gain with the C++ kernels).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
@@ -63,6 +66,7 @@ class Plan:
   processes: int
   conv1: str  # Implementation of each convolution (flax_mnist/ops/conv.py).
   conv2: str
+  conv_note: str  # Why conv2 is not on the C++ Winograd kernels where it would be ('' else).
   pool: str  # 'fused' (written gradient), 'fused_cpu' (the same, for CPU) or 'autodiff'.
   # Inference (eval, predict) takes conv2's bias, ReLU and pool in its Winograd tiles
   # (flax_mnist/ops/winograd.py conv_relu_max_pool) instead of after its output.
@@ -97,7 +101,7 @@ class Plan:
     micro = (f'micro-batch {self.micro_batch} ({self.train_micro_batches} per train batch'
              f'{evaluation}{self.eval_micro_batches} per eval batch)')
     return (f'Plan: {self.backend} x{self.devices}{hosts} - conv1 {self.conv1}, conv2 '
-            f'{self.conv2}, pool {self.pool}{pool_notes}, {micro}, {feed}'
+            f'{self.conv2}{self.conv_note}, pool {self.pool}{pool_notes}, {micro}, {feed}'
             f'{_padded("batch", self.train_batch, self.train_padding)}'
             f'{_padded("eval batch", self.eval_batch, self.eval_padding)}{lanes}')
 
@@ -112,15 +116,40 @@ def _padded(name: str, rows: int, padding: int) -> str:
   return f', {name} padded to {rows} ({padding} masked row{"s" if padding > 1 else ""})'
 
 
-def conv_impl(config, backend: str, in_features: int) -> str:
-  """config.conv_impl, or for 'auto' the implementation for a layer of `in_features` inputs."""
+def conv_impl(config, backend: str, in_features: int, native: bool = False) -> str:
+  """config.conv_impl, or for 'auto' the implementation for a layer of `in_features` inputs
+  (`native`: whether the C++ Winograd kernels can run here)."""
   if config.conv_impl != 'auto':
     return config.conv_impl
   if backend == 'cpu':
     winograd_fits = (in_features > 1 and config.dtype == 'float32'
                      and config.kernel_size in WINOGRAD_KERNEL_SIZES)
-    return 'winograd' if winograd_fits else 'im2col_vjp'
+    return ('winograd_native' if native else 'winograd') if winograd_fits else 'im2col_vjp'
   return 'im2col' if backend == 'gpu' and in_features == 1 else 'xla'
+
+
+def _native_kernels(config, backend: str, devices: int, processes: int,
+                    unavailable: str | None) -> tuple[bool, str]:
+  """(whether the C++ Winograd kernels are used where Winograd is, the plan line's note).
+
+  They run on CPU in one process on one device: XLA cannot split a custom call over devices
+  (it would gather the batch on each). `unavailable` is why they cannot be built or loaded
+  here: '' when they can; None when not checked (auto keeps winograd.py; an explicit
+  conv_impl=winograd_native is taken as asked)."""
+  one_cpu = backend == 'cpu' and devices == 1 and processes == 1
+  if config.conv_impl == 'winograd_native':
+    if not one_cpu:
+      where = 'on CPU only' if backend != 'cpu' else (
+          f'on one device (XLA cannot split them over {devices} devices)')
+      raise ConfigError(f'config.conv_impl=winograd_native runs its C++ kernels {where}; '
+                        'use conv_impl=winograd.')
+    if unavailable:
+      raise ConfigError(f'config.conv_impl=winograd_native: {unavailable}; use '
+                        'conv_impl=winograd.')
+    return True, ''
+  if config.conv_impl != 'auto' or not one_cpu:
+    return False, ''
+  return unavailable == '', f' (C++ kernels unavailable: {unavailable})' if unavailable else ''
 
 
 def batch_layout(config, backend: str, devices: int, conv2: str,
@@ -139,7 +168,7 @@ def batch_layout(config, backend: str, devices: int, conv2: str,
   rows = padded_size(batch, devices)
   if config.micro_batch_size:
     return rows, config.micro_batch_size
-  if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd'):
+  if backend != 'cpu' or conv2 not in (*_CPU_PATCH_BYTES, 'winograd', 'winograd_native'):
     return rows, rows
   size = _cpu_micro_batch_examples(config, conv2) * devices
   divisor = max(m for m in range(devices, min(size, rows) + 1, devices) if rows % m == 0)
@@ -150,7 +179,7 @@ def batch_layout(config, backend: str, devices: int, conv2: str,
 
 def _cpu_micro_batch_examples(config, conv2: str) -> int:
   """Examples per device in a CPU micro-batch whose activations stay in the cache."""
-  if conv2 == 'winograd':
+  if conv2 in ('winograd', 'winograd_native'):
     channels = config.conv1_features + config.conv2_features
     return max(_CPU_WINOGRAD_EXAMPLES * _CPU_WINOGRAD_CHANNELS // max(channels,
                                                                      _CPU_WINOGRAD_CHANNELS), 1)
@@ -173,17 +202,21 @@ def _check_micro_batch(config, devices: int) -> None:
                       'or 0 for auto.')
 
 
-def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
+def make(config, backend: str, devices: int, processes: int = 1,
+         native_unavailable: str | None = None) -> Plan:
   """The plan for `config` on `devices` devices of `backend` over `processes` processes;
-  ConfigError when the config cannot run there."""
+  ConfigError when the config cannot run there. `native_unavailable`: why the C++ Winograd
+  kernels cannot run here ('' when they can, None when not checked)."""
   _check_micro_batch(config, devices)
-  conv1, conv2 = conv_impl(config, backend, 1), conv_impl(config, backend,
-                                                          config.conv1_features)
-  if 'winograd' in (conv1, conv2) and config.kernel_size not in WINOGRAD_KERNEL_SIZES:
-    raise ConfigError(f'config.conv_impl=winograd has no transform for kernel_size='
+  if config.conv_impl.startswith('winograd') and config.kernel_size not in WINOGRAD_KERNEL_SIZES:
+    raise ConfigError(f'config.conv_impl={config.conv_impl} has no transform for kernel_size='
                       f'{config.kernel_size} (only '
                       f'{", ".join(map(str, WINOGRAD_KERNEL_SIZES))}); use conv_impl=auto or '
                       'im2col_vjp.')
+  native, conv_note = _native_kernels(config, backend, devices, processes, native_unavailable)
+  conv1 = conv_impl(config, backend, 1, native)
+  conv2 = conv_impl(config, backend, config.conv1_features, native)
+  conv_note = conv_note if conv2 == 'winograd' else ''
   train, micro = batch_layout(config, backend, devices, conv2, config.batch_size)
   evaluation, eval_micro = batch_layout(config, backend, devices, conv2,
                                         config.eval_batch_size)
@@ -195,11 +228,14 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
   per_pass = config.lanes_per_pass or (1 if backend == 'cpu' else lanes)
   pool = pool_variant(config, backend)
   winograd_cpu = conv2 == 'winograd' and pool == 'fused_cpu'
-  pool_in_tiles = winograd_cpu and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES
+  native_cpu = conv2 == 'winograd_native' and pool == 'fused_cpu'
+  pool_in_tiles = native_cpu or (winograd_cpu
+                                 and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES)
   per_pass = min(per_pass, lanes)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
-              pool=pool, pool_in_tiles=pool_in_tiles,
-              pooled_stored=_stores_pooled(config, winograd_cpu, processes, per_pass),
+              conv_note=conv_note, pool=pool, pool_in_tiles=pool_in_tiles,
+              pooled_stored=_stores_pooled(config, winograd_cpu, native_cpu, processes,
+                                           per_pass),
               train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               eval_padding=evaluation - config.eval_batch_size,
@@ -209,14 +245,16 @@ def make(config, backend: str, devices: int, processes: int = 1) -> Plan:
               lanes=lanes, lanes_per_pass=per_pass)
 
 
-def _stores_pooled(config, winograd_cpu: bool, processes: int, per_pass: int) -> bool:
+def _stores_pooled(config, winograd_cpu: bool, native_cpu: bool, processes: int,
+                   per_pass: int) -> bool:
   """Whether training computes conv2's ReLU, pool and dropout in a pass of their own
   (ops/once.py): measured faster with a 3x3 Winograd conv2 on 1, 2 and 4 CPU devices of one
-  process, one lane a pass. Not under jax.vmap (several lanes a pass), where a conditional
-  runs both branches; not over several processes, where its predicate, read from one
-  device's rows, would cross hosts in every micro-batch (not measured)."""
-  return (winograd_cpu and processes == 1 and per_pass == 1
-          and config.kernel_size in _POOLED_STORED_KERNEL_SIZES)
+  process, and with the C++ kernels at 3x3 and 5x5, one lane a pass. Not under jax.vmap
+  (several lanes a pass), where a conditional runs both branches; not over several
+  processes, where its predicate, read from one device's rows, would cross hosts in every
+  micro-batch (not measured)."""
+  kernel_fits = native_cpu or config.kernel_size in _POOLED_STORED_KERNEL_SIZES
+  return (winograd_cpu or native_cpu) and kernel_fits and processes == 1 and per_pass == 1
 
 
 def pool_variant(config, backend: str) -> str:
@@ -229,4 +267,9 @@ def pool_variant(config, backend: str) -> str:
 def decide(config) -> Plan:
   """The plan for this process's JAX runtime (call after jax.distributed is initialised)."""
   import jax
-  return make(config, jax.default_backend(), jax.device_count(), jax.process_count())
+  from flax_mnist.ops import winograd_native
+  backend, devices, processes = jax.default_backend(), jax.device_count(), jax.process_count()
+  wanted = (backend == 'cpu' and devices == 1 and processes == 1
+            and config.conv_impl in ('auto', 'winograd_native'))
+  return make(config, backend, devices, processes,
+              winograd_native.unavailable() if wanted else None)

@@ -20,7 +20,7 @@ import ml_collections
 from flax_mnist.errors import ConfigError
 from flax_mnist.geometry import IMAGE_SIDE
 
-CONV_IMPLS = ('auto', 'im2col', 'im2col_vjp', 'winograd', 'xla')
+CONV_IMPLS = ('auto', 'im2col', 'im2col_vjp', 'winograd', 'winograd_native', 'xla')
 SWITCH = ('auto', 'on', 'off')
 DTYPES = ('float32', 'bfloat16')
 
@@ -88,9 +88,10 @@ FIELDS = (
           training_only=True),
     Field('num_classes', 10, 'output classes', lambda v: v > 1, 'an integer above 1'),
     # How it is computed: speed only, never the maths (beyond float rounding).
-    _choice('conv_impl', 'auto', CONV_IMPLS, 'convolution kernels: `winograd`, `im2col`, '
-            '`im2col_vjp`, `xla`; `auto` picks per layer and backend (printed in the plan)',
-            resumable=True),
+    _choice('conv_impl', 'auto', CONV_IMPLS, 'convolution kernels: `winograd` (computed by '
+            'XLA), `winograd_native` (the same in C++, built on first use; one CPU device), '
+            '`im2col`, `im2col_vjp`, `xla`; `auto` picks per layer and backend (printed in the '
+            'plan)', resumable=True),
     Field('micro_batch_size', 0, 'examples per micro-batch, gradients summed over them '
           '(0: auto, printed in the plan)', lambda v: v >= 0, '0 (auto) or a positive integer',
           resumable=True),

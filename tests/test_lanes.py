@@ -245,7 +245,9 @@ def test_lanes_together_by_vmap_equal_lanes_one_after_another(two_tiny_lanes, tm
         assert lane[key] == pytest.approx(lane_want[key], rel=1e-3, abs=1e-3), key
 
 
-_PADDED = dict(TINY, batch_size=99, eval_batch_size=99, micro_batch_size=0, num_models=2)
+# conv_impl named: one device would otherwise take the C++ kernels, two XLA's Winograd.
+_PADDED = dict(TINY, batch_size=99, eval_batch_size=99, micro_batch_size=0, num_models=2,
+               conv_impl='winograd')
 _ON_DEVICES = '''
 import json
 from conftest import small_config

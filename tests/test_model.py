@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import base_config
 from flax_mnist import model as model_lib
 from flax_mnist import plan as plan_lib
-from flax_mnist.ops import pool
+from flax_mnist.ops import pool, winograd_native
 
 
 def _model(**overrides):
@@ -68,7 +68,8 @@ def test_dropout_mask_is_per_example():
 
 
 @pytest.mark.parametrize('traced_rate', [False, True])
-def test_the_pooled_output_stored_changes_where_it_is_computed_not_what(traced_rate):
+@pytest.mark.parametrize('conv2', ['winograd', 'winograd_native'])
+def test_the_pooled_output_stored_changes_where_it_is_computed_not_what(traced_rate, conv2):
   """pooled_stored puts conv2's ReLU, pool and dropout in a conditional of their own
   (ops/once.py), in training only, which XLA keeps (its probe is a float, which XLA cannot
   fold), and leaves inference as it was. With the config's fixed conv dropout rate the loss and
@@ -76,11 +77,16 @@ def test_the_pooled_output_stored_changes_where_it_is_computed_not_what(traced_r
   layers' gradients are, and the conv layers' gradients differ in rounding only, within 1e-5 of
   each one's largest."""
   config = base_config()
+  native = conv2 == 'winograd_native'
+  if native and winograd_native.unavailable():
+    pytest.skip(winograd_native.unavailable())
   x = jax.random.uniform(jax.random.key(1), (4, 784))
   rate = (jnp.float32(0.3),) if traced_rate else ()
   results, conds, inference = {}, {}, {}
   for stored in (True, False):
-    plan = dataclasses.replace(plan_lib.make(config, 'cpu', 1), pooled_stored=stored)
+    plan = dataclasses.replace(plan_lib.make(config, 'cpu', 1, 1, '' if native else None),
+                               pooled_stored=stored)
+    assert plan.conv2 == conv2
     graphdef, params = nnx.split(model_lib.CNN(config, plan, rngs=nnx.Rngs(params=0)))
 
     def loss(params, *rate):

@@ -150,6 +150,55 @@ def test_training_stores_the_pooled_output_only_for_3x3_winograd_on_cpu_one_lane
   assert not plan_lib.make(base_config(), 'cpu', 4, 2).pooled_stored  # Not measured.
 
 
+def _native(config, backend='cpu', devices=1, processes=1, unavailable=''):
+  return plan_lib.make(config, backend, devices, processes, unavailable)
+
+
+@pytest.mark.parametrize('kernel_size', [3, 5])
+def test_the_cpp_kernels_take_winograd_on_one_cpu_device_where_they_build(kernel_size):
+  """They pool in their tiles for inference and store the pooled output in training at both
+  kernel sizes (each measured faster there: benchmarks/RESULTS.md)."""
+  plan = _native(base_config(kernel_size=kernel_size))
+  assert (plan.conv1, plan.conv2) == ('im2col_vjp', 'winograd_native')
+  assert plan.pool_in_tiles and plan.pooled_stored and plan.micro_batch == 50
+  assert 'conv2 winograd_native, pool fused_cpu (in conv2\'s tiles' in plan.line()
+  # Where Winograd is not chosen, or on several devices or processes: as without them.
+  for config, backend, devices, processes in [
+      (base_config(kernel_size=kernel_size, dtype='bfloat16'), 'cpu', 1, 1),
+      (base_config(kernel_size=kernel_size), 'gpu', 1, 1),
+      (base_config(kernel_size=kernel_size), 'cpu', 2, 1),
+      (base_config(kernel_size=kernel_size), 'cpu', 2, 2),
+      (base_config(kernel_size=kernel_size, conv_impl='winograd'), 'cpu', 1, 1)]:
+    with_them = _native(config, backend, devices, processes)
+    assert with_them == plan_lib.make(config, backend, devices, processes), config
+    assert with_them.conv2 != 'winograd_native'
+
+
+def test_without_the_cpp_kernels_the_plan_line_says_why():
+  plan = _native(base_config(), unavailable='no C++ compiler found (install g++ or set CXX)')
+  assert plan.conv2 == 'winograd'
+  assert ('conv2 winograd (C++ kernels unavailable: no C++ compiler found (install g++ or set '
+          'CXX)), pool') in plan.line()
+  assert plan_lib.make(base_config(), 'cpu', 1).conv_note == ''  # Not checked: no note.
+  assert _native(base_config(), devices=2, unavailable='no compiler').conv_note == ''
+
+
+@pytest.mark.parametrize('backend, devices, unavailable, expected', [
+    ('cpu', 1, 'no C++ compiler found (install g++ or set CXX)',
+     'config.conv_impl=winograd_native: no C++ compiler found (install g++ or set CXX); use '
+     'conv_impl=winograd.'),
+    ('gpu', 1, '', 'config.conv_impl=winograd_native runs its C++ kernels on CPU only; use '
+                   'conv_impl=winograd.'),
+    ('cpu', 2, '', 'runs its C++ kernels on one device (XLA cannot split them over 2 devices)'),
+])
+def test_asking_for_the_cpp_kernels_where_they_cannot_run(backend, devices, unavailable,
+                                                          expected):
+  with pytest.raises(ConfigError, match=re.escape(expected)):
+    _native(base_config(conv_impl='winograd_native'), backend, devices, 1, unavailable)
+  with pytest.raises(ConfigError, match='winograd_native has no transform for kernel_size=4'):
+    _native(base_config(conv_impl='winograd_native', kernel_size=4))
+
+
 @pytest.mark.parametrize('backend, devices, processes, expected', [
     ('gpu', 1, 1, True), ('tpu', 4, 1, True), ('cpu', 1, 1, False), ('cpu', 4, 1, False),
     ('gpu', 4, 2, False), ('tpu', 4, 4, False)])

@@ -46,6 +46,7 @@ def test_every_field_is_declared_once_with_a_meaning():
     ('conv_dropout', 1.0, r'config.conv_dropout=1.0 is invalid: must be in \[0, 1\)'),
     ('conv_impl', 'fft',
      'config.conv_impl=.fft. is invalid: must be one of auto, im2col, im2col_vjp, winograd, '
+     'winograd_native, '
      'xla'),
     ('learning_rate', 0.0,
      'config.learning_rate=0.0 is invalid: must be a positive finite number'),

@@ -15,7 +15,9 @@ from conftest import small_config
 from flax_mnist import loop, modes, plan, sharding
 from flax_mnist.data import tfds_source
 from flax_mnist.reporting import report
-config = small_config({data_dir!r}, num_epochs=3, **{overrides!r})
+# conv_impl named: one device would otherwise take the C++ kernels, eight XLA's Winograd,
+# and this compares the sharding alone.
+config = small_config({data_dir!r}, num_epochs=3, conv_impl='winograd', **{overrides!r})
 rows = loop.train_and_evaluate(config, {workdir!r})
 print('ROWS', jax.device_count(), json.dumps(rows))
 if {predict!r}:

@@ -6,13 +6,31 @@ import numpy as np
 import pytest
 from jax import lax
 
-from flax_mnist.ops import winograd
+from flax_mnist.ops import winograd, winograd_native
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _conv(x, w):
-  return winograd.winograd_conv(x, w, (1, 1), 'VALID', dimension_numbers=_DIMS)
+def _native_or_skip():
+  """The C++ kernels' module; skipped only where no C++ compiler exists (a failed build of
+  an existing compiler fails the tests that use it)."""
+  why = winograd_native.unavailable()
+  if why.startswith('no C++ compiler'):
+    pytest.skip(why)
+  assert not why, why
+  return winograd_native
+
+
+@pytest.fixture(params=['xla', 'native'])
+def module(request):
+  """winograd.py (computed by XLA) or winograd_native.py (C++ kernels): the same contract."""
+  return winograd if request.param == 'xla' else _native_or_skip()
+
+
+@pytest.fixture
+def conv(module):
+  function = (module.winograd_conv if module is winograd else module.winograd_native_conv)
+  return lambda x, w: function(x, w, (1, 1), 'VALID', dimension_numbers=_DIMS)
 
 
 def _reference(x, w, dy):
@@ -42,7 +60,7 @@ def test_transforms_compute_correlation_exactly(r):
 @pytest.mark.parametrize('r, shape, cout', [(3, (5, 26, 26, 32), 64), (5, (5, 24, 24, 32), 64),
                                             (3, (4, 28, 28, 1), 32), (5, (3, 11, 14, 3), 7)])
 @pytest.mark.parametrize('compiled', [False, True])
-def test_float32_within_1e5_of_scale_of_float64(r, shape, cout, compiled):
+def test_float32_within_1e5_of_scale_of_float64(conv, r, shape, cout, compiled):
   """Output, input gradient and kernel gradient; uneven sides need padded tiles."""
   x = jax.random.uniform(jax.random.key(0), shape)
   w = jax.random.normal(jax.random.key(1), (r, r, shape[-1], cout)) * 0.1
@@ -50,7 +68,7 @@ def test_float32_within_1e5_of_scale_of_float64(r, shape, cout, compiled):
   dy = jax.random.normal(jax.random.key(2), out_shape)
 
   def forward_and_grads(x, w, dy):
-    y, vjp = jax.vjp(_conv, x, w)
+    y, vjp = jax.vjp(conv, x, w)
     return (y, *vjp(dy))
   got = (jax.jit(forward_and_grads) if compiled else forward_and_grads)(x, w, dy)
   for name, value, want in zip(('y', 'dx', 'dw'), got, _reference(x, w, dy)):
@@ -59,11 +77,11 @@ def test_float32_within_1e5_of_scale_of_float64(r, shape, cout, compiled):
     assert error <= 1e-5, (name, error)
 
 
-def test_matches_lax_conv_in_a_model_sized_layer():
+def test_matches_lax_conv_in_a_model_sized_layer(conv):
   x = jax.random.normal(jax.random.key(0), (6, 26, 26, 32))
   w = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) * 0.1
   want = lax.conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_DIMS)
-  assert np.abs(_conv(x, w) - want).max() <= 1e-5 * np.abs(want).max()
+  assert np.abs(conv(x, w) - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def _pooled_reference(x, w, b):
@@ -78,37 +96,37 @@ def _pooled_reference(x, w, b):
 
 @pytest.mark.parametrize('r, shape, cout', [(3, (5, 26, 26, 32), 64), (3, (3, 27, 29, 4), 6),
                                             (5, (3, 24, 24, 32), 64), (5, (2, 13, 11, 3), 5)])
-def test_conv_relu_max_pool_within_1e5_of_scale_of_float64(r, shape, cout):
+def test_conv_relu_max_pool_within_1e5_of_scale_of_float64(module, r, shape, cout):
   """The pool taken in the tiles, odd output sides (cropped as Keras floors them) included."""
   x = jax.random.uniform(jax.random.key(0), shape)
   w = jax.random.normal(jax.random.key(1), (r, r, shape[-1], cout)) * 0.1
   b = jax.random.normal(jax.random.key(2), (cout,)) * 0.1
-  got = jax.jit(winograd.conv_relu_max_pool)(x, w, b)
+  got = jax.jit(module.conv_relu_max_pool)(x, w, b)
   want = _pooled_reference(x, w, b)
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert np.abs(np.asarray(got, np.float64) - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_conv_relu_max_pool_keeps_nan():
+def test_conv_relu_max_pool_keeps_nan(module):
   """A NaN input reaches the pooled outputs whose window it feeds (a diverged run shows)."""
   x = jnp.ones((1, 10, 10, 2)).at[0, 0, 0, 0].set(jnp.nan)
-  out = np.asarray(winograd.conv_relu_max_pool(x, jnp.ones((3, 3, 2, 3)), jnp.zeros(3)))
+  out = np.asarray(module.conv_relu_max_pool(x, jnp.ones((3, 3, 2, 3)), jnp.zeros(3)))
   assert np.isnan(out[0, 0, 0]).all() and not np.isnan(out[0, 1:, 1:]).any()
 
 
-def test_conv_relu_max_pool_bfloat16_in_bfloat16_out():
+def test_conv_relu_max_pool_bfloat16_in_bfloat16_out(module):
   x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)
-  out = winograd.conv_relu_max_pool(x, w, jnp.zeros(5, jnp.bfloat16))
+  out = module.conv_relu_max_pool(x, w, jnp.zeros(5, jnp.bfloat16))
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 4, 5)
   want = _pooled_reference(x.astype(jnp.float32), w.astype(jnp.float32), np.zeros(5))
   np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=0.05 * np.abs(want).max())
 
 
-def test_bfloat16_in_bfloat16_out():
+def test_bfloat16_in_bfloat16_out(conv):
   x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5), jnp.bfloat16)
-  y, vjp = jax.vjp(_conv, x, w)
+  y, vjp = jax.vjp(conv, x, w)
   dx, dw = vjp(jnp.ones_like(y))
   assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
   assert dx.shape == x.shape and dw.shape == w.shape
@@ -119,6 +137,6 @@ def test_bfloat16_in_bfloat16_out():
                                                       ((3, 3), (2, 2), 'VALID'),
                                                       ((3, 3), (1, 1), 'SAME')])
 def test_rejects_what_it_cannot_do(kernel, strides, padding):
-  with pytest.raises(NotImplementedError, match='conv_impl="im2col_vjp"'):
-    winograd.winograd_conv(jnp.zeros((1, 9, 9, 2)), jnp.zeros((*kernel, 2, 3)), strides,
-                           padding)
+  for function in (winograd.winograd_conv, winograd_native.winograd_native_conv):
+    with pytest.raises(NotImplementedError, match='conv_impl="im2col_vjp"'):
+      function(jnp.zeros((1, 9, 9, 2)), jnp.zeros((*kernel, 2, 3)), strides, padding)

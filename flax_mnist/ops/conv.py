@@ -9,7 +9,8 @@ saved patches with the output gradient, and the input gradient is XLA's own conv
 padded output gradient with the flipped kernel, which on CPU beats im2col's pads and adds.
 'winograd' (flax_mnist/ops/winograd.py) multiplies 4x (3x3) to 6.25x (5x5) fewer numbers; on CPU
 it is the fastest for layers with several input channels (conv2), im2col_vjp for the 1-channel
-first layer. On GPU the native (cuDNN) convolution is the better choice, except for a
+first layer; 'winograd_native' (flax_mnist/ops/winograd_native.py) is the same maths in C++
+kernels that keep each row of tiles in cache, faster still where it can be built. On GPU the native (cuDNN) convolution is the better choice, except for a
 1-channel input (the first layer), whose 9-channel im2col matmul beats cuDNN; on TPU the native
 one. Which runs where is decided by flax_mnist/plan.py (measurements: benchmarks/RESULTS.md).
 """
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_mnist.ops import winograd
+from flax_mnist.ops import winograd, winograd_native
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -107,4 +108,9 @@ def im2col_vjp_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
 
 
 FUNCTIONS = {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
-             'winograd': winograd.winograd_conv, 'xla': lax.conv_general_dilated}
+             'winograd': winograd.winograd_conv,
+             'winograd_native': winograd_native.winograd_native_conv,
+             'xla': lax.conv_general_dilated}
+# The inference path that pools in conv2's tiles, per Winograd implementation.
+POOLED = {'winograd': winograd.conv_relu_max_pool,
+          'winograd_native': winograd_native.conv_relu_max_pool}

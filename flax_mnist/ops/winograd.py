@@ -159,15 +159,15 @@ def _output_tiles_transpose(dy, at):
   return d.reshape(alpha * alpha, -1, cout)
 
 
-def _kernel_tiles(w, g):
+def kernel_tiles(w, g):
   """w (r, r, C, Co) -> U (a*a, C, Co) = G w G^T."""
   u = _combine([w[k] for k in range(w.shape[0])], g, 0)
   u = _combine([u[:, k] for k in range(w.shape[1])], g, 1)
   return u.reshape(-1, *w.shape[2:])
 
 
-def _kernel_tiles_transpose(du, g):
-  """The transpose of _kernel_tiles: dU (a*a, C, Co) -> dw (r, r, C, Co)."""
+def kernel_tiles_transpose(du, g):
+  """The transpose of kernel_tiles: dU (a*a, C, Co) -> dw (r, r, C, Co)."""
   alpha = g.shape[0]
   du = du.reshape(alpha, alpha, *du.shape[1:])
   dw = _combine([du[p] for p in range(alpha)], g.T, 0)
@@ -188,7 +188,7 @@ def _products(x, w, precision):
   x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, tiles_h * TILE - out_h),
                                       (0, tiles_w * TILE - out_w), (0, 0)))
   v = _input_tiles(x, bt, tiles_h, tiles_w)
-  u = _kernel_tiles(w.astype(jnp.float32), g)
+  u = kernel_tiles(w.astype(jnp.float32), g)
   products = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
   return v, products, (out_h, out_w), (tiles_h, tiles_w)
 
@@ -199,7 +199,7 @@ def _forward(x, w, precision):
   y = _output_tiles(products, at, x.shape[0], *tiles)[:, :out_h, :out_w]
   # U^T for the input gradient, transformed from w^T: a plain matmul there (a transposed-operand
   # one over U measured no faster; benchmarks/RESULTS.md).
-  return y, (v, _kernel_tiles(jnp.swapaxes(w.astype(jnp.float32), 2, 3), g))
+  return y, (v, kernel_tiles(jnp.swapaxes(w.astype(jnp.float32), 2, 3), g))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -229,7 +229,7 @@ def _conv_bwd(precision, residuals, dy):
   dv = lax.dot_general(dm, u_t, (((2,), (1,)), ((0,), (0,))), precision=precision)
   dx = _input_tiles_transpose(dv, bt, n, tiles_h, tiles_w)
   dx = dx[:, :out_h + r - 1, :out_w + r - 1]
-  return dx.astype(x_dtype.dtype), _kernel_tiles_transpose(du, g).astype(w_dtype.dtype)
+  return dx.astype(x_dtype.dtype), kernel_tiles_transpose(du, g).astype(w_dtype.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -257,12 +257,19 @@ def winograd_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
   """A drop-in for lax.conv_general_dilated: NHWC/HWIO, stride 1, 'VALID', no dilation, and a
   square kernel of a size in KERNEL_SIZES."""
   del dimension_numbers, out_sharding, preferred_element_type  # NHWC/HWIO/NHWC only.
+  check_supported(window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count,
+                  rhs.shape)
+  return _conv(lhs, rhs, precision)
+
+
+def check_supported(window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count,
+                    kernel_shape) -> None:
+  """NotImplementedError unless the convolution is one that Winograd here computes."""
   valid = padding == 'VALID' or (not isinstance(padding, str)
                                  and all(tuple(p) == (0, 0) for p in padding))
   if (tuple(window_strides) != (1, 1) or not valid or feature_group_count != 1
       or (lhs_dilation and tuple(lhs_dilation) != (1, 1))
-      or (rhs_dilation and tuple(rhs_dilation) != (1, 1)) or not supports(rhs.shape)):
+      or (rhs_dilation and tuple(rhs_dilation) != (1, 1)) or not supports(kernel_shape)):
     raise NotImplementedError(
         'winograd_conv supports stride 1, VALID padding, no dilation or feature groups, and '
         f'square kernels of size {", ".join(map(str, KERNEL_SIZES))}; use conv_impl="im2col_vjp".')
-  return _conv(lhs, rhs, precision)
