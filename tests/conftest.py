@@ -52,6 +52,15 @@ def session_split_cache(tmp_path_factory):
   os.environ['FLAX_MNIST_SPLIT_CACHE'] = str(tmp_path_factory.mktemp('split_cache'))
 
 
+@pytest.fixture(scope='session', autouse=True)
+def session_native_kernels(tmp_path_factory):
+  """The C++ Winograd kernels built once, before any test, into this session's temp folder
+  (not ~/.cache), for this process and the command lines tests start (which inherit it)."""
+  os.environ['FLAX_MNIST_CACHE'] = str(tmp_path_factory.mktemp('flax_mnist_cache'))
+  from flax_mnist.ops import winograd_native
+  winograd_native.unavailable()
+
+
 @pytest.fixture(name='split_cache_off')
 def fixture_split_cache_off(monkeypatch):
   """Splits read through tfds, every time."""

@@ -70,32 +70,39 @@ inline void block(const float* a, int64_t a_row, int64_t a_k, const float* b, in
     for (int q = 0; q < NV; ++q) store(c + i * ldc + 16 * q, acc[i][q]);
 }
 
-template <int ROWS, bool ACCUMULATE>
-void block_row(const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb,
-               float* c, int64_t ldc, int64_t depth, int64_t cols) {
-  int64_t col = 0;
-  for (; col + 64 <= cols; col += 64)
-    block<ROWS, 4, ACCUMULATE>(a, a_row, a_k, b + col, ldb, c + col, ldc, depth);
-  for (; col < cols; col += 16)
-    block<ROWS, 1, ACCUMULATE>(a, a_row, a_k, b + col, ldb, c + col, ldc, depth);
+// Every row of C (+)= A @ B for 16 * NV columns, ROWS rows a register block (the last rows
+// of a count ROWS does not divide one by one).
+template <int ROWS, int NV, bool ACCUMULATE>
+void column_block(const float* a, int64_t a_row, int64_t a_k, int64_t rows, const float* b,
+                  int64_t ldb, float* c, int64_t ldc, int64_t depth) {
+  int64_t i = 0;
+  for (; i + ROWS <= rows; i += ROWS)
+    block<ROWS, NV, ACCUMULATE>(a + i * a_row, a_row, a_k, b, ldb, c + i * ldc, ldc, depth);
+  for (; i < rows; ++i)
+    block<1, NV, ACCUMULATE>(a + i * a_row, a_row, a_k, b, ldb, c + i * ldc, ldc, depth);
 }
 
-// C (rows x cols) (+)= A (rows x depth, strided as in `block`) @ B (depth x cols).
+// C (rows x cols) (+)= A (rows x depth, strided as in `block`) @ B (depth x cols), cols a
+// multiple of 16: 64 columns at a time in 6-row blocks, a narrower rest in taller blocks
+// (about 24 accumulators each: enough independent sums to keep both FMA units busy).
 template <bool ACCUMULATE>
 void matmul(const float* a, int64_t a_row, int64_t a_k, int64_t rows, const float* b,
             int64_t ldb, float* c, int64_t ldc, int64_t depth, int64_t cols) {
-  int64_t i = 0;
-  for (; i + 6 <= rows; i += 6)
-    block_row<6, ACCUMULATE>(a + i * a_row, a_row, a_k, b, ldb, c + i * ldc, ldc, depth, cols);
-  const float* a_rest = a + i * a_row;
-  float* c_rest = c + i * ldc;
-  switch (rows - i) {
-    case 5: block_row<5, ACCUMULATE>(a_rest, a_row, a_k, b, ldb, c_rest, ldc, depth, cols); break;
-    case 4: block_row<4, ACCUMULATE>(a_rest, a_row, a_k, b, ldb, c_rest, ldc, depth, cols); break;
-    case 3: block_row<3, ACCUMULATE>(a_rest, a_row, a_k, b, ldb, c_rest, ldc, depth, cols); break;
-    case 2: block_row<2, ACCUMULATE>(a_rest, a_row, a_k, b, ldb, c_rest, ldc, depth, cols); break;
-    case 1: block_row<1, ACCUMULATE>(a_rest, a_row, a_k, b, ldb, c_rest, ldc, depth, cols); break;
-    default: break;
+  int64_t col = 0;
+  for (; col + 64 <= cols; col += 64)
+    column_block<6, 4, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
+  switch ((cols - col) / 16) {
+    case 3:
+      column_block<8, 3, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
+      break;
+    case 2:
+      column_block<12, 2, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
+      break;
+    case 1:
+      column_block<12, 1, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
+      break;
+    default:
+      break;
   }
 }
 

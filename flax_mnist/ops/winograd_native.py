@@ -137,6 +137,8 @@ def _build() -> pathlib.Path:
   except OSError as error:
     raise Unavailable(f'cannot create {folder} ({error.strerror}); set FLAX_MNIST_CACHE '
                       'to a writable folder') from error
+  print(f'Building the C++ Winograd kernels for this CPU (once, a few seconds) in {folder}',
+        flush=True)
   with tempfile.TemporaryDirectory(dir=folder) as work:
     pathlib.Path(work, 'winograd_transforms.h').write_text(header)
     built = pathlib.Path(work, library.name)
