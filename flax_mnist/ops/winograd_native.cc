@@ -142,8 +142,8 @@ Dims dims_of(const ffi::Buffer<ffi::F32>& x, int64_t co, int64_t r) {
   return {d[0], (d[1] - r + 1) / 4, (d[2] - r + 1) / 4, d[3], co, d[1], d[2]};
 }
 
-// One row of tiles: V = B^T d B of each tile, M = V U per position, then `epilogue(j, m)`
-// with tile j's transformed products m[A][A] for each 16 output channels (offset m_off).
+// One row of tiles: V = B^T d B of each tile, M = V U per position, then
+// `epilogue(j, ch, m)` with tile j's products m[A][A] of the 16 output channels from ch.
 template <int R, typename Epilogue>
 void tile_row(const float* x, const float* u, const Dims& s, int64_t n, int64_t i, float* vb,
               float* mb, Epilogue epilogue) {
