@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -142,6 +143,21 @@ Dims dims_of(const ffi::Buffer<ffi::F32>& x, int64_t co, int64_t r) {
   return {d[0], (d[1] - r + 1) / 4, (d[2] - r + 1) / 4, d[3], co, d[1], d[2]};
 }
 
+// V = B^T d B of tile (i, j) of image n, channels ch..ch+15, stored for position (p, q) at
+// out[((p * A + q) * count + index) * C + ch]: `count` tiles per position in the buffer.
+template <int R>
+inline void input_tile(const float* x, const Dims& s, int64_t n, int64_t i, int64_t j,
+                       int64_t ch, float* out, int64_t count, int64_t index) {
+  constexpr int A = Tf<R>::A;
+  v16 d[A][A], v[A][A];
+  for (int k = 0; k < A; ++k)
+    for (int l = 0; l < A; ++l)
+      d[k][l] = load(x + ((n * s.h + 4 * i + k) * s.w + 4 * j + l) * s.c + ch);
+  Tf<R>::in(d, v);
+  for (int p = 0; p < A; ++p)
+    for (int q = 0; q < A; ++q) store(out + ((p * A + q) * count + index) * s.c + ch, v[p][q]);
+}
+
 // One row of tiles: V = B^T d B of each tile, M = V U per position, then
 // `epilogue(j, ch, m)` with tile j's products m[A][A] of the 16 output channels from ch.
 template <int R, typename Epilogue>
@@ -149,15 +165,7 @@ void tile_row(const float* x, const float* u, const Dims& s, int64_t n, int64_t 
               float* mb, Epilogue epilogue) {
   constexpr int A = Tf<R>::A;
   for (int64_t j = 0; j < s.tw; ++j)
-    for (int64_t ch = 0; ch < s.c; ch += 16) {
-      v16 d[A][A], v[A][A];
-      for (int k = 0; k < A; ++k)
-        for (int l = 0; l < A; ++l)
-          d[k][l] = load(x + ((n * s.h + 4 * i + k) * s.w + 4 * j + l) * s.c + ch);
-      Tf<R>::in(d, v);
-      for (int p = 0; p < A; ++p)
-        for (int q = 0; q < A; ++q) store(vb + ((p * A + q) * s.tw + j) * s.c + ch, v[p][q]);
-    }
+    for (int64_t ch = 0; ch < s.c; ch += 16) input_tile<R>(x, s, n, i, j, ch, vb, s.tw, j);
   for (int64_t p = 0; p < A * A; ++p)
     matmul<false>(vb + p * s.tw * s.c, s.c, 1, s.tw, u + p * s.c * s.co, s.co,
                   mb + p * s.tw * s.co, s.co, s.c, s.co);
@@ -238,15 +246,7 @@ void backward_image(const float* x, const float* ut, const float* dy, float* dx,
   const int64_t tiles = s.th * s.tw;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t i = t / s.tw, j = t % s.tw;
-    for (int64_t ch = 0; ch < s.c; ch += 16) {
-      v16 d[A][A], v[A][A];
-      for (int k = 0; k < A; ++k)
-        for (int l = 0; l < A; ++l)
-          d[k][l] = load(x + ((n * s.h + 4 * i + k) * s.w + 4 * j + l) * s.c + ch);
-      Tf<R>::in(d, v);
-      for (int p = 0; p < A; ++p)
-        for (int q = 0; q < A; ++q) store(vb + ((p * A + q) * tiles + t) * s.c + ch, v[p][q]);
-    }
+    for (int64_t ch = 0; ch < s.c; ch += 16) input_tile<R>(x, s, n, i, j, ch, vb, tiles, t);
     for (int64_t ch = 0; ch < s.co; ch += 16) {
       v16 g[4][4], m[A][A];
       for (int a = 0; a < 4; ++a)
@@ -317,68 +317,51 @@ ffi::Error check(const Dims& s, int64_t r) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t r) {
-  const Dims s = dims_of(x, u.dimensions()[2], r);
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+// Checks the shapes, then runs kernel(std::integral_constant<int, r>) for r = 3 or 5.
+template <typename Kernel>
+ffi::Error for_kernel_size(const Dims& s, int64_t r, Kernel kernel) {
   if (ffi::Error error = check(s, r); error.failure()) return error;
-  if (r == 3) forward<3>(pool, x.typed_data(), u.typed_data(), y->typed_data(), s);
-  else forward<5>(pool, x.typed_data(), u.typed_data(), y->typed_data(), s);
+  if (r == 3) kernel(std::integral_constant<int, 3>{});
+  else kernel(std::integral_constant<int, 5>{});
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardPooled(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
-                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
-                         int64_t r) {
+ffi::Error Forward(ffi::ThreadPool pool, F32 x, F32 u, F32Out y, int64_t r) {
   const Dims s = dims_of(x, u.dimensions()[2], r);
-  if (ffi::Error error = check(s, r); error.failure()) return error;
-  if (r == 3)
-    forward_pooled<3>(pool, x.typed_data(), u.typed_data(), bias.typed_data(),
-                      out->typed_data(), s);
-  else
-    forward_pooled<5>(pool, x.typed_data(), u.typed_data(), bias.typed_data(),
-                      out->typed_data(), s);
-  return ffi::Error::Success();
+  return for_kernel_size(s, r, [&](auto size) {
+    forward<decltype(size)::value>(pool, x.typed_data(), u.typed_data(), y->typed_data(), s);
+  });
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ut,
-                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-                    ffi::ResultBuffer<ffi::F32> du, int64_t r) {
+ffi::Error ForwardPooled(ffi::ThreadPool pool, F32 x, F32 u, F32 bias, F32Out out, int64_t r) {
+  const Dims s = dims_of(x, u.dimensions()[2], r);
+  return for_kernel_size(s, r, [&](auto size) {
+    forward_pooled<decltype(size)::value>(pool, x.typed_data(), u.typed_data(), bias.typed_data(),
+                           out->typed_data(), s);
+  });
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, F32 x, F32 ut, F32 dy, F32Out dx, F32Out du,
+                    int64_t r) {
   const Dims s = dims_of(x, ut.dimensions()[1], r);
-  if (ffi::Error error = check(s, r); error.failure()) return error;
-  if (r == 3)
-    backward<3>(pool, x.typed_data(), ut.typed_data(), dy.typed_data(), dx->typed_data(),
-                du->typed_data(), s);
-  else
-    backward<5>(pool, x.typed_data(), ut.typed_data(), dy.typed_data(), dx->typed_data(),
-                du->typed_data(), s);
-  return ffi::Error::Success();
+  return for_kernel_size(s, r, [&](auto size) {
+    backward<decltype(size)::value>(pool, x.typed_data(), ut.typed_data(), dy.typed_data(),
+                                    dx->typed_data(), du->typed_data(), s);
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("r"));
+// Every handler takes XLA's CPU thread pool first and the kernel size r last.
+#define WINOGRAD_HANDLER(symbol, impl, buffers) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,       \
+                                ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() buffers.Attr<int64_t>("r"))
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradForwardPooled, ForwardPooled,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("r"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WinogradBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("r"));
+WINOGRAD_HANDLER(WinogradForward, Forward, .Arg<F32>().Arg<F32>().Ret<F32>());
+WINOGRAD_HANDLER(WinogradForwardPooled, ForwardPooled,
+                 .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>());
+WINOGRAD_HANDLER(WinogradBackward, Backward,
+                 .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>());

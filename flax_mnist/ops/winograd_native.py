@@ -156,8 +156,9 @@ def _build() -> pathlib.Path:
 
 
 @functools.cache
-def _load() -> str:
-  """'' once the kernels are registered with XLA, else why not (built at most once)."""
+def unavailable() -> str:
+  """'' once the kernels are built (at most once) and registered with XLA in this process,
+  else why not: a clause for the plan line or an error."""
   import ctypes
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
@@ -171,19 +172,14 @@ def _load() -> str:
   return ''
 
 
-def unavailable() -> str:
-  """'' when the native kernels can run in this process, else why not: a clause for the plan
-  line or an error."""
-  return _load()
-
-
 def _padded(size: int) -> int:
   return -(-size // _LANES) * _LANES
 
 
 def _call(name, result, *args, r):
-  if _load():
-    raise RuntimeError(f'winograd_native: {_load()}')
+  why = unavailable()
+  if why:
+    raise RuntimeError(f'winograd_native: {why}')
   return jax.ffi.ffi_call(f'flax_mnist_winograd_{name}', result, vmap_method='sequential')(
       *args, r=np.int64(r))
 
