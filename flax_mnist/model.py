@@ -32,7 +32,10 @@ class CNN(nnx.Module):
                           conv_general_dilated=conv.FUNCTIONS[plan.conv2], **common)
     self.relu_pool = pool.VARIANTS[plan.pool]
     self.pool_in_tiles = plan.pool_in_tiles
+    self.pool_in_tiles_training = plan.pool_in_tiles_training
     self.conv_relu_max_pool = conv.POOLED.get(plan.conv2)
+    # conv1, conv2, their ReLUs and the pool in one op (the C++ kernels' 'direct_native').
+    self.convs_relu_max_pool = conv.PAIRS.get(plan.conv1)
     self.conv_dropout = config.conv_dropout
     self.pooled_stored = plan.pooled_stored
     pooled = geometry.conv_sides(config.kernel_size)[2]
@@ -50,10 +53,18 @@ class CNN(nnx.Module):
     """
     conv_rate, dense_rate = dropout_rates or (self.conv_dropout, self.dense_dropout)
     x = x.reshape((x.shape[0], *geometry.IMAGE_SHAPE))
+    if self.convs_relu_max_pool:
+      x = self.convs_relu_max_pool(x, self.conv1.kernel[...], self.conv1.bias[...],
+                                   self.conv2.kernel[...], self.conv2.bias[...])
+      if train:
+        x = dropout.dropout(x, conv_rate, dropout_keys, layer=0)
+      return self._dense_layers(x, train, dense_rate, dropout_keys)
     x = nnx.relu(self.conv1(x))
-    if self.pool_in_tiles and not train:  # Forward only: no written gradient.
+    if self.pool_in_tiles_training if train else self.pool_in_tiles:
       x = self.conv_relu_max_pool(x, self.conv2.kernel[...], self.conv2.bias[...],
                                   self.conv2.precision)
+      if train:
+        x = dropout.dropout(x, conv_rate, dropout_keys, layer=0)
     elif train:
       def pool_and_dropout(keys, x):
         return dropout.dropout(self.relu_pool(x), conv_rate, keys, layer=0)
@@ -64,6 +75,10 @@ class CNN(nnx.Module):
            else pool_and_dropout(dropout_keys, x))
     else:
       x = self.relu_pool(self.conv2(x))
+    return self._dense_layers(x, train, dense_rate, dropout_keys)
+
+  def _dense_layers(self, x, train, dense_rate, dropout_keys):
+    """The pooled features (N, h, w, c) to logits."""
     x = x.reshape((x.shape[0], -1))  # NHWC order, as Keras' channels_last Flatten.
     x = nnx.relu(self.dense1(x))
     if train:

@@ -8,23 +8,26 @@ policy (measured in benchmarks/RESULTS.md, explained in docs/performance.md):
 - conv: on CPU, Winograd F(4x4, k x k) for layers with several input channels (float32, k = 3
   or 5): in C++ kernels (ops/winograd_native.cc) on one device where they build, else
   computed by XLA (ops/winograd.py), the plan line saying why; other layers im2col with a
-  written backward. On GPU im2col for the 1-channel first layer, XLA's (cuDNN) for the rest;
+  written backward, or with the C++ kernels the first layer as a direct convolution inside
+  them (conv1 direct_native: it writes conv2's input, conv2's backward kernel takes its
+  gradients). On GPU im2col for the 1-channel first layer, XLA's (cuDNN) for the rest;
   XLA's on TPU.
 - micro-batches (CPU only): gradients summed over micro-batches whose activations stay in the
-  cache: 50 examples per device with a Winograd conv2 of the seed's widths (fewer for wider
-  layers); with im2col, as many as keep conv2's patches within a byte budget; at most that,
-  and the most that divides the batch, for the train and the eval batch each (batch 128 with
-  eval batch 1000: 32 and 50, not their common 8). A batch with no such divisor near the size
-  is padded to an even split instead (127: 3 micro-batches of 43, 2 rows masked). Elsewhere
-  the whole batch.
+  cache: 50 examples per device with XLA's Winograd conv2 of the seed's widths, 125 with the C++
+  kernels (fewer for wider layers); with im2col, as many as keep conv2's patches within a byte
+  budget; at most that, and the most that divides the batch, for the train and the eval batch each
+  (batch 128 with eval batch 1000: 32 and 50, not their common 8). A batch with no such divisor
+  near the size is padded to an even split instead (127: 3 micro-batches of 43, 2 rows masked).
+  Elsewhere the whole batch.
 - pool: float32 uses the fused ReLU+max-pool with TensorFlow's gradient (on CPU the variant
   whose backward pass stores its pooled-size work, which XLA's CPU fusion would recompute);
   bfloat16 the same values differentiated by JAX (faster there on GPU). For inference on CPU
   in float32 with a 3x3 Winograd conv2, conv2's bias, ReLU and pool are taken in its tiles
   (pool_in_tiles; at 5x5 that measured slower with XLA's Winograd, faster with the C++
-  kernels). In training there, in one process and one lane a pass, the ReLU, pool and conv
-  dropout are computed in a pass of their own and stored (pooled_stored; at 5x5 no gain with
-  XLA's Winograd, a gain with the C++ kernels).
+  kernels). The C++ kernels take them in the tiles in training too, the backward kernel
+  reading the pooled gradient (pool_in_tiles_training). With XLA's 3x3 Winograd, in one
+  process and one lane a pass, training computes the ReLU, pool and conv dropout in a pass of
+  their own and stores them (pooled_stored; at 5x5 no gain).
 - device-resident data: on for GPU/TPU with one process (a step there is too short to feed
   from the host), off on CPU.
 - padding: a batch that the device count does not divide is padded to the next multiple with
@@ -48,6 +51,10 @@ _CPU_PATCH_BYTES = {'im2col': 7_000_000, 'im2col_vjp': 14_000_000}
 # in, 64 out). Its tile arrays grow with both widths, so wider layers get proportionally fewer
 # examples (conv2 width 128: 25, 256: 10 measured 8-27% faster than 50; benchmarks/RESULTS.md).
 _CPU_WINOGRAD_EXAMPLES, _CPU_WINOGRAD_CHANNELS = 50, 32 + 64
+# With the C++ kernels, which keep a row of tiles or one image in cache whatever the
+# micro-batch, larger micro-batches measured faster (the dense layer's weights are read and
+# its gradient summed once per micro-batch): 100-250 alike, 5% faster than 50.
+_CPU_NATIVE_EXAMPLES = 125
 # Kernel sizes whose inference pools in Winograd's tiles: 5x5's 8x8 tiles make the one-pass
 # sums (676 terms per tile and channel) slower than two passes (benchmarks/RESULTS.md).
 _POOL_IN_TILES_KERNEL_SIZES = (3,)
@@ -71,6 +78,9 @@ class Plan:
   # Inference (eval, predict) takes conv2's bias, ReLU and pool in its Winograd tiles
   # (flax_mnist/ops/winograd.py conv_relu_max_pool) instead of after its output.
   pool_in_tiles: bool
+  # Training does too, its gradient one kernel fed the pooled gradient (the C++ kernels,
+  # flax_mnist/ops/winograd_native.py).
+  pool_in_tiles_training: bool
   # Training computes conv2's ReLU, pool and dropout in a pass of their own and stores the
   # result (flax_mnist/ops/once.py) instead of in the pass that writes the flattened rows.
   pooled_stored: bool
@@ -94,7 +104,8 @@ class Plan:
     hosts = f' on {self.processes} processes' if self.processes > 1 else ''
     lanes = (f', {self.lanes} lanes ({self.lanes_per_pass} per pass)' if self.lanes > 1
              else '')
-    pool_notes = ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else ''
+    pool_notes = (' (in conv2\'s tiles)' if self.pool_in_tiles_training
+                  else ' (in conv2\'s tiles for inference)' if self.pool_in_tiles else '')
     pool_notes += ', pooled output stored in training' if self.pooled_stored else ''
     evaluation = (', ' if self.eval_micro_batch == self.micro_batch
                   else f'), eval {self.eval_micro_batch} (')
@@ -181,8 +192,8 @@ def _cpu_micro_batch_examples(config, conv2: str) -> int:
   """Examples per device in a CPU micro-batch whose activations stay in the cache."""
   if conv2 in ('winograd', 'winograd_native'):
     channels = config.conv1_features + config.conv2_features
-    return max(_CPU_WINOGRAD_EXAMPLES * _CPU_WINOGRAD_CHANNELS // max(channels,
-                                                                     _CPU_WINOGRAD_CHANNELS), 1)
+    examples = _CPU_NATIVE_EXAMPLES if conv2 == 'winograd_native' else _CPU_WINOGRAD_EXAMPLES
+    return max(examples * _CPU_WINOGRAD_CHANNELS // max(channels, _CPU_WINOGRAD_CHANNELS), 1)
   side = geometry.conv_sides(config.kernel_size)[1]
   patch_bytes = side * side * config.kernel_size ** 2 * config.conv1_features * 4
   return max(_CPU_PATCH_BYTES[conv2] // patch_bytes, 1)
@@ -214,7 +225,6 @@ def make(config, backend: str, devices: int, processes: int = 1,
                       f'{", ".join(map(str, WINOGRAD_KERNEL_SIZES))}); use conv_impl=auto or '
                       'im2col_vjp.')
   native, conv_note = _native_kernels(config, backend, devices, processes, native_unavailable)
-  conv1 = conv_impl(config, backend, 1, native)
   conv2 = conv_impl(config, backend, config.conv1_features, native)
   conv_note = conv_note if conv2 == 'winograd' else ''
   train, micro = batch_layout(config, backend, devices, conv2, config.batch_size)
@@ -231,11 +241,14 @@ def make(config, backend: str, devices: int, processes: int = 1,
   native_cpu = conv2 == 'winograd_native' and pool == 'fused_cpu'
   pool_in_tiles = native_cpu or (winograd_cpu
                                  and config.kernel_size in _POOL_IN_TILES_KERNEL_SIZES)
+  # With the C++ kernels pooling, conv1 is a direct convolution inside them: it writes conv2's
+  # input, and conv2's backward kernel takes its gradients (ops/winograd_native.py).
+  conv1 = 'direct_native' if native_cpu else conv_impl(config, backend, 1, native)
   per_pass = min(per_pass, lanes)
   return Plan(backend=backend, devices=devices, processes=processes, conv1=conv1, conv2=conv2,
               conv_note=conv_note, pool=pool, pool_in_tiles=pool_in_tiles,
-              pooled_stored=_stores_pooled(config, winograd_cpu, native_cpu, processes,
-                                           per_pass),
+              pool_in_tiles_training=native_cpu,
+              pooled_stored=_stores_pooled(config, winograd_cpu, processes, per_pass),
               train_batch=train,
               train_padding=train - config.batch_size, eval_batch=evaluation,
               eval_padding=evaluation - config.eval_batch_size,
@@ -245,16 +258,15 @@ def make(config, backend: str, devices: int, processes: int = 1,
               lanes=lanes, lanes_per_pass=per_pass)
 
 
-def _stores_pooled(config, winograd_cpu: bool, native_cpu: bool, processes: int,
-                   per_pass: int) -> bool:
+def _stores_pooled(config, winograd_cpu: bool, processes: int, per_pass: int) -> bool:
   """Whether training computes conv2's ReLU, pool and dropout in a pass of their own
-  (ops/once.py): measured faster with a 3x3 Winograd conv2 on 1, 2 and 4 CPU devices of one
-  process, and with the C++ kernels at 3x3 and 5x5, one lane a pass. Not under jax.vmap
+  (ops/once.py): measured faster with XLA's 3x3 Winograd conv2 on 1, 2 and 4 CPU devices of
+  one process, one lane a pass (the C++ kernels pool in their tiles instead). Not under jax.vmap
   (several lanes a pass), where a conditional runs both branches; not over several
   processes, where its predicate, read from one device's rows, would cross hosts in every
   micro-batch (not measured)."""
-  kernel_fits = native_cpu or config.kernel_size in _POOLED_STORED_KERNEL_SIZES
-  return (winograd_cpu or native_cpu) and kernel_fits and processes == 1 and per_pass == 1
+  return (winograd_cpu and config.kernel_size in _POOLED_STORED_KERNEL_SIZES
+          and processes == 1 and per_pass == 1)
 
 
 def pool_variant(config, backend: str) -> str:
@@ -267,9 +279,9 @@ def pool_variant(config, backend: str) -> str:
 def decide(config) -> Plan:
   """The plan for this process's JAX runtime (call after jax.distributed is initialised)."""
   import jax
-  from flax_mnist.ops import winograd_native
+  from flax_mnist.ops import native_build
   backend, devices, processes = jax.default_backend(), jax.device_count(), jax.process_count()
   wanted = (backend == 'cpu' and devices == 1 and processes == 1
             and config.conv_impl in ('auto', 'winograd_native'))
   return make(config, backend, devices, processes,
-              winograd_native.unavailable() if wanted else None)
+              native_build.unavailable() if wanted else None)

@@ -57,8 +57,8 @@ def session_native_kernels(tmp_path_factory):
   """The C++ Winograd kernels built once, before any test, into this session's temp folder
   (not ~/.cache), for this process and the command lines tests start (which inherit it)."""
   os.environ['FLAX_MNIST_CACHE'] = str(tmp_path_factory.mktemp('flax_mnist_cache'))
-  from flax_mnist.ops import winograd_native
-  winograd_native.unavailable()
+  from flax_mnist.ops import native_build
+  native_build.unavailable()
 
 
 @pytest.fixture(name='split_cache_off')

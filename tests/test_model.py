@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import base_config
 from flax_mnist import model as model_lib
 from flax_mnist import plan as plan_lib
-from flax_mnist.ops import pool, winograd_native
+from flax_mnist.ops import native_build, pool
 
 
 def _model(**overrides):
@@ -67,9 +67,43 @@ def test_dropout_mask_is_per_example():
   np.testing.assert_allclose(whole, np.concatenate(halves), atol=1e-6)
 
 
+@pytest.mark.parametrize('conv1', ['direct_native', 'im2col_vjp'])
+@pytest.mark.parametrize('kernel_size', [3, 5])
+def test_training_in_the_cpp_kernels_trains_the_same_model(conv1, kernel_size):
+  """The plan's C++ path (conv1 a direct convolution inside the kernels, conv2's bias, ReLU and
+  pool in its tiles, their gradients from the pooled gradient), and the same with conv1 left
+  to XLA, give the loss and every gradient of the path that runs conv1 and pools after
+  conv2's output, dropout included, within 1e-5 of each one's largest; inference as well."""
+  if native_build.unavailable():
+    pytest.skip(native_build.unavailable())
+  config = base_config(kernel_size=kernel_size)
+  x = jax.random.uniform(jax.random.key(1), (6, 784))
+  native = plan_lib.make(config, 'cpu', 1, 1, '')
+  assert native.conv1 == 'direct_native' and native.pool_in_tiles_training
+  plans = {'fused': dataclasses.replace(native, conv1=conv1),
+           'apart': dataclasses.replace(native, conv1='im2col_vjp', pool_in_tiles=False,
+                                        pool_in_tiles_training=False)}
+  results, logits = {}, {}
+  for name, plan in plans.items():
+    graphdef, params = nnx.split(model_lib.CNN(config, plan, rngs=nnx.Rngs(params=0)))
+
+    def loss(params):
+      model = nnx.merge(graphdef, params)
+      return (model(x, train=True, dropout_keys=_keys(2, 6)) ** 2).sum()
+    results[name] = jax.jit(jax.value_and_grad(loss))(params)
+    logits[name] = nnx.merge(graphdef, params)(x)
+  np.testing.assert_allclose(logits['fused'], logits['apart'], rtol=0,
+                             atol=1e-5 * float(np.abs(logits['apart']).max()))
+  np.testing.assert_allclose(results['fused'][0], results['apart'][0], rtol=1e-5)
+  grads = {key: dict(jax.tree_util.tree_leaves_with_path(results[key][1])) for key in results}
+  for path, want in grads['apart'].items():
+    assert np.abs(want).max() > 0, path
+    np.testing.assert_allclose(grads['fused'][path], want, rtol=0,
+                               atol=1e-5 * float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize('traced_rate', [False, True])
-@pytest.mark.parametrize('conv2', ['winograd', 'winograd_native'])
-def test_the_pooled_output_stored_changes_where_it_is_computed_not_what(traced_rate, conv2):
+def test_the_pooled_output_stored_changes_where_it_is_computed_not_what(traced_rate):
   """pooled_stored puts conv2's ReLU, pool and dropout in a conditional of their own
   (ops/once.py), in training only, which XLA keeps (its probe is a float, which XLA cannot
   fold), and leaves inference as it was. With the config's fixed conv dropout rate the loss and
@@ -77,16 +111,12 @@ def test_the_pooled_output_stored_changes_where_it_is_computed_not_what(traced_r
   layers' gradients are, and the conv layers' gradients differ in rounding only, within 1e-5 of
   each one's largest."""
   config = base_config()
-  native = conv2 == 'winograd_native'
-  if native and winograd_native.unavailable():
-    pytest.skip(winograd_native.unavailable())
   x = jax.random.uniform(jax.random.key(1), (4, 784))
   rate = (jnp.float32(0.3),) if traced_rate else ()
   results, conds, inference = {}, {}, {}
   for stored in (True, False):
-    plan = dataclasses.replace(plan_lib.make(config, 'cpu', 1, 1, '' if native else None),
-                               pooled_stored=stored)
-    assert plan.conv2 == conv2
+    plan = dataclasses.replace(plan_lib.make(config, 'cpu', 1), pooled_stored=stored)
+    assert plan.conv2 == 'winograd'
     graphdef, params = nnx.split(model_lib.CNN(config, plan, rngs=nnx.Rngs(params=0)))
 
     def loss(params, *rate):

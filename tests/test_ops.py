@@ -116,8 +116,12 @@ def test_pool_variants_are_the_plans_three_names():
 
 
 def test_every_conv_choice_but_auto_has_a_function():
-  """The config's choices (auto aside, which the plan resolves) are the kernels there are."""
-  assert set(conv.FUNCTIONS) == set(schema.CONV_IMPLS) - {'auto'}
+  """The config's choices (auto aside, which the plan resolves) are the kernels there are, with
+  those the plan picks only to run inside another (PAIRS), which refuse to run alone."""
+  assert set(conv.FUNCTIONS) == set(schema.CONV_IMPLS) - {'auto'} | set(conv.PAIRS)
+  with pytest.raises(NotImplementedError, match='computed with conv2'):
+    conv.FUNCTIONS['direct_native'](jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), (1, 1),
+                                    'VALID')
   assert conv.FUNCTIONS['xla'] is lax.conv_general_dilated
   assert conv.FUNCTIONS['winograd'] is winograd.winograd_conv
   assert conv.FUNCTIONS['im2col'] is conv.im2col_conv

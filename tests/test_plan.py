@@ -128,7 +128,9 @@ def test_pool_variant_follows_dtype():
 
 
 def test_inference_pools_in_winograd_tiles_only_for_3x3_float32_on_cpu():
-  assert plan_lib.make(base_config(), 'cpu', 1).pool_in_tiles
+  plan = plan_lib.make(base_config(), 'cpu', 1)
+  assert plan.pool_in_tiles and not plan.pool_in_tiles_training  # XLA's Winograd.
+  assert '(in conv2\'s tiles for inference)' in plan.line()
   for config, backend in [(base_config(kernel_size=5), 'cpu'), (base_config(), 'gpu'),
                           (base_config(dtype='bfloat16'), 'cpu'),
                           (base_config(conv_impl='im2col_vjp'), 'cpu')]:
@@ -156,12 +158,22 @@ def _native(config, backend='cpu', devices=1, processes=1, unavailable=''):
 
 @pytest.mark.parametrize('kernel_size', [3, 5])
 def test_the_cpp_kernels_take_winograd_on_one_cpu_device_where_they_build(kernel_size):
-  """They pool in their tiles for inference and store the pooled output in training at both
-  kernel sizes (each measured faster there: benchmarks/RESULTS.md)."""
+  """With conv1 inside them, they pool in their tiles, for inference and in training, in
+  micro-batches of 125, at both kernel sizes (each measured faster there:
+  benchmarks/RESULTS.md); nothing else stores the pooled output."""
   plan = _native(base_config(kernel_size=kernel_size))
-  assert (plan.conv1, plan.conv2) == ('im2col_vjp', 'winograd_native')
-  assert plan.pool_in_tiles and plan.pooled_stored and plan.micro_batch == 50
-  assert 'conv2 winograd_native, pool fused_cpu (in conv2\'s tiles' in plan.line()
+  assert (plan.conv1, plan.conv2) == ('direct_native', 'winograd_native')
+  assert plan.pool_in_tiles and plan.pool_in_tiles_training and not plan.pooled_stored
+  assert (plan.micro_batch, plan.eval_micro_batch) == (125, 125)
+  assert ('conv1 direct_native, conv2 winograd_native, pool fused_cpu (in conv2\'s tiles), '
+          'micro-batch 125 (4 per train batch, 8 per eval batch)') in plan.line()
+  # Wider layers, fewer examples (as with XLA's Winograd); an explicit choice as asked.
+  assert _native(base_config(kernel_size=kernel_size, conv2_features=128)).micro_batch == 50
+  explicit = _native(base_config(kernel_size=kernel_size, conv_impl='winograd_native'))
+  assert (explicit.conv1, explicit.conv2) == ('direct_native', 'winograd_native')
+  bfloat16 = _native(base_config(kernel_size=kernel_size, conv_impl='winograd_native',
+                                 dtype='bfloat16'))
+  assert bfloat16.conv1 == 'winograd_native' and not bfloat16.pool_in_tiles_training
   # Where Winograd is not chosen, or on several devices or processes: as without them.
   for config, backend, devices, processes in [
       (base_config(kernel_size=kernel_size, dtype='bfloat16'), 'cpu', 1, 1),

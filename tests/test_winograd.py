@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from flax_mnist.ops import winograd, winograd_native
+from flax_mnist.ops import native_build, winograd, winograd_native
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -14,7 +14,7 @@ _DIMS = ('NHWC', 'HWIO', 'NHWC')
 def _native_or_skip():
   """The C++ kernels' module; skipped only where no C++ compiler exists (a failed build of
   an existing compiler fails the tests that use it)."""
-  why = winograd_native.unavailable()
+  why = native_build.unavailable()
   if why.startswith('no C++ compiler'):
     pytest.skip(why)
   assert not why, why
@@ -105,6 +105,45 @@ def test_conv_relu_max_pool_within_1e5_of_scale_of_float64(module, r, shape, cou
   want = _pooled_reference(x, w, b)
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert np.abs(np.asarray(got, np.float64) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _pooled_gradient_reference(x, w, b, dpooled):
+  """dx, dw, db of relu(2x2 max pool(conv(x, w) + b)) in float64, TensorFlow's max pool
+  gradient: all of a window's to its first maximum, none where the ReLU cuts it."""
+  r = w.shape[0]
+  out_shape = (x.shape[0], x.shape[1] - r + 1, x.shape[2] - r + 1, w.shape[-1])
+  y = _reference(x, w, np.zeros(out_shape))[0] + np.asarray(b, np.float64)
+  n, h, width, c = y.shape
+  ph, pw = h // 2, width // 2
+  windows = y[:, :2 * ph, :2 * pw].reshape(n, ph, 2, pw, 2, c).transpose(0, 1, 3, 5, 2, 4)
+  windows = windows.reshape(n, ph, pw, c, 4)
+  first = windows.argmax(-1)
+  passed = np.where(windows.max(-1) > 0, np.asarray(dpooled, np.float64), 0)
+  routed = (np.arange(4) == first[..., None]) * passed[..., None]
+  dy = np.zeros(out_shape)
+  dy[:, :2 * ph, :2 * pw] = routed.reshape(n, ph, pw, c, 2, 2).transpose(
+      0, 1, 4, 2, 5, 3).reshape(n, 2 * ph, 2 * pw, c)
+  _, dx, dw = _reference(x, w, dy)
+  return dx, dw, dy.sum((0, 1, 2))
+
+
+@pytest.mark.parametrize('r, shape, cout', [(3, (3, 14, 14, 16), 16), (3, (2, 13, 15, 4), 6),
+                                            (5, (2, 13, 11, 3), 5)])
+def test_conv_relu_max_pool_gradients_within_1e5_of_scale_of_float64(module, r, shape, cout):
+  """The training path's gradients (the C++ kernels': one backward kernel fed the pooled
+  gradient and the forward's recorded positions), odd output sides included."""
+  x = jax.random.uniform(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (r, r, shape[-1], cout)) * 0.1
+  b = jax.random.normal(jax.random.key(2), (cout,)) * 0.1
+  pooled_shape = _pooled_reference(x, w, b).shape
+  dpooled = jax.random.normal(jax.random.key(3), pooled_shape)
+  _, vjp = jax.vjp(module.conv_relu_max_pool, x, w, b)
+  got = jax.jit(vjp)(dpooled)
+  for name, value, want in zip(('dx', 'dw', 'db'), got,
+                               _pooled_gradient_reference(x, w, b, dpooled)):
+    assert value.shape == want.shape and value.dtype == jnp.float32
+    error = np.abs(np.asarray(value, np.float64) - want).max() / np.abs(want).max()
+    assert error <= 1e-5, (name, error)
 
 
 def test_conv_relu_max_pool_keeps_nan(module):

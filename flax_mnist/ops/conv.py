@@ -10,9 +10,11 @@ padded output gradient with the flipped kernel, which on CPU beats im2col's pads
 'winograd' (flax_mnist/ops/winograd.py) multiplies 4x (3x3) to 6.25x (5x5) fewer numbers; on CPU
 it is the fastest for layers with several input channels (conv2), im2col_vjp for the 1-channel
 first layer; 'winograd_native' (flax_mnist/ops/winograd_native.py) is the same maths in C++
-kernels that keep each row of tiles in cache, faster still where it can be built. On GPU the native (cuDNN) convolution is the better choice, except for a
-1-channel input (the first layer), whose 9-channel im2col matmul beats cuDNN; on TPU the native
-one. Which runs where is decided by flax_mnist/plan.py (measurements: benchmarks/RESULTS.md).
+kernels that keep each row of tiles in cache, faster still where it can be built, and with
+them the first layer is 'direct_native', computed inside them (PAIRS). On GPU the native
+(cuDNN) convolution is the better choice, except for a 1-channel input (the first layer),
+whose 9-channel im2col matmul beats cuDNN; on TPU the native one. Which runs where is
+decided by flax_mnist/plan.py (measurements: benchmarks/RESULTS.md).
 """
 
 import functools
@@ -111,6 +113,16 @@ FUNCTIONS = {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
              'winograd': winograd.winograd_conv,
              'winograd_native': winograd_native.winograd_native_conv,
              'xla': lax.conv_general_dilated}
-# The inference path that pools in conv2's tiles, per Winograd implementation.
+def computed_with_conv2(*args, **kwargs):
+  """conv1's 'direct_native' runs only inside winograd_native.convs_relu_max_pool (PAIRS)."""
+  raise NotImplementedError('conv_impl direct_native is computed with conv2 in the C++ '
+                            'kernels (winograd_native.convs_relu_max_pool), not on its own')
+
+
+FUNCTIONS['direct_native'] = computed_with_conv2
+# The path that pools in conv2's tiles, per Winograd implementation (inference; in training
+# too with the C++ kernels).
 POOLED = {'winograd': winograd.conv_relu_max_pool,
           'winograd_native': winograd_native.conv_relu_max_pool}
+# conv1 implementations computed together with conv2, its ReLUs and the pool.
+PAIRS = {'direct_native': winograd_native.convs_relu_max_pool}

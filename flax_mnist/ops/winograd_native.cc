@@ -5,33 +5,22 @@
 // activation's size to memory and reading it back. Here one thread takes a row of tiles (or
 // an image) through all of them while its tiles sit in L1/L2. The maths is winograd.py's,
 // term for term; the transforms' constants are generated from winograd.transforms() into
-// TRANSFORMS_HEADER (flax_mnist/ops/winograd_native.py) when the kernel is built.
+// TRANSFORMS_HEADER (flax_mnist/ops/native_build.py) when the kernels are built. Conv2's
+// bias, ReLU and 2x2 pool are taken in the output tiles, and the first layer (a one-channel
+// direct convolution) writes conv2's input and takes its gradients in conv2's backward pass.
 //
 // Layouts (row-major, float32, channels a multiple of 16; the caller pads them):
 //   x (N, 4*th + r - 1, 4*tw + r - 1, C): the input, padded so that the tiles cover it;
 //   u (A*A, C, Co): G w G^T; ut (A*A, Co, C): its transpose per position; A = r + 3;
-//   y (N, 4*th, 4*tw, Co): the output; pooled (N, 2*th, 2*tw, Co).
+//   y (N, 4*th, 4*tw, Co): the output; pooled (N, 2*th, 2*tw, Co); positions (uint8) alike.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "native_matmul.h"
 
 namespace {
 
-// 16 floats: one AVX-512 register, two AVX2 ones; GCC and Clang vector extensions.
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
+using namespace flax_mnist;
 
 #include TRANSFORMS_HEADER  // in_tf<r>, in_tf_t<r>, out_tf<r>, out_tf_t<r> (generated).
 
@@ -50,89 +39,6 @@ template <> struct Tf<5> {
   static void out(const v16 (&m)[8][8], v16 (&y)[4][4]) { out_tf5(m, y); }
   static void out_t(const v16 (&y)[4][4], v16 (&m)[8][8]) { out_tf_t5(y, m); }
 };
-
-// C[i][0:16*NV] (+)= sum_k A(i, k) * B[k][0:16*NV] for ROWS rows i, where A(i, k) is at
-// a[i * a_row + k * a_k]: registers hold ROWS x NV accumulators, each B row is loaded once.
-template <int ROWS, int NV, bool ACCUMULATE>
-inline void block(const float* a, int64_t a_row, int64_t a_k, const float* b, int64_t ldb,
-                  float* c, int64_t ldc, int64_t depth) {
-  v16 acc[ROWS][NV];
-  for (int i = 0; i < ROWS; ++i)
-    for (int q = 0; q < NV; ++q) acc[i][q] = ACCUMULATE ? load(c + i * ldc + 16 * q) : v16{};
-  for (int64_t k = 0; k < depth; ++k) {
-    v16 row[NV];
-    for (int q = 0; q < NV; ++q) row[q] = load(b + k * ldb + 16 * q);
-    for (int i = 0; i < ROWS; ++i) {
-      const v16 s = splat(a[i * a_row + k * a_k]);
-      for (int q = 0; q < NV; ++q) acc[i][q] += s * row[q];
-    }
-  }
-  for (int i = 0; i < ROWS; ++i)
-    for (int q = 0; q < NV; ++q) store(c + i * ldc + 16 * q, acc[i][q]);
-}
-
-// Every row of C (+)= A @ B for 16 * NV columns, ROWS rows a register block (the last rows
-// of a count ROWS does not divide one by one).
-template <int ROWS, int NV, bool ACCUMULATE>
-void column_block(const float* a, int64_t a_row, int64_t a_k, int64_t rows, const float* b,
-                  int64_t ldb, float* c, int64_t ldc, int64_t depth) {
-  int64_t i = 0;
-  for (; i + ROWS <= rows; i += ROWS)
-    block<ROWS, NV, ACCUMULATE>(a + i * a_row, a_row, a_k, b, ldb, c + i * ldc, ldc, depth);
-  for (; i < rows; ++i)
-    block<1, NV, ACCUMULATE>(a + i * a_row, a_row, a_k, b, ldb, c + i * ldc, ldc, depth);
-}
-
-// C (rows x cols) (+)= A (rows x depth, strided as in `block`) @ B (depth x cols), cols a
-// multiple of 16: 64 columns at a time in 6-row blocks, a narrower rest in taller blocks
-// (about 24 accumulators each: enough independent sums to keep both FMA units busy).
-template <bool ACCUMULATE>
-void matmul(const float* a, int64_t a_row, int64_t a_k, int64_t rows, const float* b,
-            int64_t ldb, float* c, int64_t ldc, int64_t depth, int64_t cols) {
-  int64_t col = 0;
-  for (; col + 64 <= cols; col += 64)
-    column_block<6, 4, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
-  switch ((cols - col) / 16) {
-    case 3:
-      column_block<8, 3, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
-      break;
-    case 2:
-      column_block<12, 2, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
-      break;
-    case 1:
-      column_block<12, 1, ACCUMULATE>(a, a_row, a_k, rows, b + col, ldb, c + col, ldc, depth);
-      break;
-    default:
-      break;
-  }
-}
-
-// Runs body(item, worker) for item in [0, items) on the caller and up to pool.num_threads()
-// scheduled tasks; items are claimed one at a time. The caller waits only for items already
-// claimed, so a task the pool starts late (its threads busy with other XLA work, perhaps this
-// very call's caller) finds nothing left and returns: no task is ever waited for before it
-// runs. `Shared` (per-worker scratch) outlives every task.
-template <typename Shared, typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t items, std::shared_ptr<Shared> shared,
-                  Body body) {
-  struct Counter {
-    std::atomic<int64_t> next{0}, done{0};
-    std::atomic<int> workers{0};
-  };
-  auto counter = std::make_shared<Counter>();
-  auto work = [counter, shared, items, body]() {
-    int worker = -1;
-    for (int64_t item; (item = counter->next.fetch_add(1)) < items;) {
-      if (worker < 0) worker = counter->workers.fetch_add(1);
-      body(item, worker);
-      counter->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), items) - 1;
-  for (int64_t t = 0; t < tasks; ++t) pool.Schedule([work] { work(); });
-  work();
-  while (counter->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-}
 
 struct Dims {
   int64_t n, th, tw, c, co, h, w;
@@ -178,11 +84,6 @@ void tile_row(const float* x, const float* u, const Dims& s, int64_t n, int64_t 
     }
 }
 
-struct Scratch {
-  std::vector<std::vector<float>> buffers;  // Per worker.
-  explicit Scratch(int workers) : buffers(workers) {}
-};
-
 template <int R, typename Epilogue>
 void forward_rows(ffi::ThreadPool& pool, const float* x, const float* u, const Dims& s,
                   Epilogue epilogue) {
@@ -215,11 +116,21 @@ void forward(ffi::ThreadPool& pool, const float* x, const float* u, float* y, co
 
 inline v16 max_keeping_nan(v16 a, v16 b) { return (a > b) | (a != a) ? a : b; }
 
-// relu(max_pool_2x2(y) + bias), NaN kept (as flax_mnist/ops/pool.py): a 4x4 tile holds four
-// whole 2x2 windows.
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+inline v16i positions_of(const uint8_t* p) {
+  u8x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, v16i);
+}
+
+// relu(max_pool_2x2(y + bias)), NaN kept, as flax_mnist/ops/pool.py: a 4x4 tile holds four
+// whole 2x2 windows. With `positions` (training), also each window's row-major position 0..3
+// of its first maximum, or 4 where the pooled value is not > 0 (no gradient passes): the
+// backward kernel routes the pooled gradient by it.
 template <int R>
 void forward_pooled(ffi::ThreadPool& pool, const float* x, const float* u, const float* bias,
-                    float* out, const Dims& s) {
+                    float* out, uint8_t* positions, const Dims& s) {
   constexpr int A = Tf<R>::A;
   forward_rows<R>(pool, x, u, s, [=](int64_t n, int64_t i, int64_t j, int64_t ch,
                                      const v16 (&m)[A][A]) {
@@ -228,20 +139,110 @@ void forward_pooled(ffi::ThreadPool& pool, const float* x, const float* u, const
     const v16 b = load(bias + ch), zero = v16{};
     for (int a = 0; a < 2; ++a)
       for (int c = 0; c < 2; ++c) {
-        v16 top = max_keeping_nan(o[2 * a][2 * c], o[2 * a][2 * c + 1]);
-        v16 bottom = max_keeping_nan(o[2 * a + 1][2 * c], o[2 * a + 1][2 * c + 1]);
-        v16 value = max_keeping_nan(top, bottom) + b;
-        value = value <= zero ? zero : value;
-        store(out + ((n * 2 * s.th + 2 * i + a) * 2 * s.tw + 2 * j + c) * s.co + ch, value);
+        const v16 e[4] = {o[2 * a][2 * c] + b, o[2 * a][2 * c + 1] + b,
+                          o[2 * a + 1][2 * c] + b, o[2 * a + 1][2 * c + 1] + b};
+        const v16 top = max_keeping_nan(e[0], e[1]), bottom = max_keeping_nan(e[2], e[3]);
+        const v16 value = max_keeping_nan(top, bottom);
+        const int64_t at = ((n * 2 * s.th + 2 * i + a) * 2 * s.tw + 2 * j + c) * s.co + ch;
+        store(out + at, value <= zero ? zero : value);
+        if (positions) {
+          v16i position = v16i{} + 4;
+          for (int k = 3; k >= 0; --k) position = e[k] == value ? v16i{} + k : position;
+          position = value > zero ? position : v16i{} + 4;
+          const u8x16 bytes = __builtin_convertvector(position, u8x16);
+          std::memcpy(positions + at, &bytes, sizeof bytes);
+        }
       }
   });
+}
+
+// The output gradient of tile (i, j) of image n, channels ch..ch+15: read from dy (the
+// full-size output's), or from the pooled output's gradient routed to each window's
+// recorded position.
+struct OutputGradient {
+  const float* dy;
+  const uint8_t* positions;  // Null for a full-size dy.
+  void tile(const Dims& s, int64_t n, int64_t i, int64_t j, int64_t ch, v16 (&g)[4][4]) const {
+    if (!positions) {
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b)
+          g[a][b] = load(dy + ((n * 4 * s.th + 4 * i + a) * 4 * s.tw + 4 * j + b) * s.co + ch);
+      return;
+    }
+    for (int a = 0; a < 2; ++a)
+      for (int c = 0; c < 2; ++c) {
+        const int64_t at = ((n * 2 * s.th + 2 * i + a) * 2 * s.tw + 2 * j + c) * s.co + ch;
+        const v16 d = load(dy + at);
+        const v16i position = positions_of(positions + at);
+        for (int k = 0; k < 4; ++k)
+          g[2 * a + k / 2][2 * c + k % 2] = position == k ? d : v16{};
+      }
+  }
+};
+
+// The first layer, a one-channel image's convolution, as conv2's kernels' producer:
+// image (N, hi, wi), w1 (r*r, C), b1 (C); y1 = relu(conv + b1) (N, h, w, C) in conv2's
+// input layout, zero past the valid hi-r+1 x wi-r+1 outputs (conv2's padded tiles).
+struct Image {
+  const float* pixels;
+  int64_t hi, wi;
+};
+
+template <int R>
+void conv1_forward(ffi::ThreadPool& pool, const Image& image, const float* w1, const float* b1,
+                   float* y1, const Dims& s) {
+  const int64_t oh = image.hi - R + 1, ow = image.wi - R + 1;
+  parallel_for(pool, s.n * s.h, std::make_shared<int>(0), [=](int64_t row, int) {
+    const int64_t n = row / s.h, i = row % s.h;
+    float* out = y1 + row * s.w * s.c;
+    if (i >= oh) {
+      std::fill(out, out + s.w * s.c, 0.0f);
+      return;
+    }
+    const float* rows = image.pixels + (n * image.hi + i) * image.wi;
+    for (int64_t ch = 0; ch < s.c; ch += 16) {
+      v16 w[R * R];
+      for (int k = 0; k < R * R; ++k) w[k] = load(w1 + k * s.c + ch);
+      const v16 b = load(b1 + ch), zero = v16{};
+      for (int64_t j = 0; j < ow; ++j) {
+        v16 acc = b;
+        for (int k = 0; k < R; ++k)
+          for (int l = 0; l < R; ++l) acc += splat(rows[k * image.wi + j + l]) * w[k * R + l];
+        store(out + j * s.c + ch, acc <= zero ? zero : acc);  // NaN kept.
+      }
+      for (int64_t j = ow; j < s.w; ++j) store(out + j * s.c + ch, zero);
+    }
+  });
+}
+
+// The first layer's gradients from image n's input gradient of conv2 (dx1, h x w x C): its
+// ReLU passes dx1 where y1 > 0; db1 += that, dw1[k][l] += the pixels it saw times that.
+template <int R>
+void conv1_backward_image(const Image& image, const float* y1, const float* dx1, float* dw1,
+                          float* db1, const Dims& s, int64_t n) {
+  const int64_t oh = image.hi - R + 1, ow = image.wi - R + 1;
+  const float* pixels = image.pixels + n * image.hi * image.wi;
+  for (int64_t ch = 0; ch < s.c; ch += 16) {
+    v16 dw[R * R] = {}, db = {};
+    for (int64_t i = 0; i < oh; ++i)
+      for (int64_t j = 0; j < ow; ++j) {
+        const int64_t at = (i * s.w + j) * s.c + ch;
+        const v16 g = load(y1 + n * s.h * s.w * s.c + at) > v16{} ? load(dx1 + at) : v16{};
+        db += g;
+        for (int k = 0; k < R; ++k)
+          for (int l = 0; l < R; ++l)
+            dw[k * R + l] += splat(pixels[(i + k) * image.wi + j + l]) * g;
+      }
+    for (int k = 0; k < R * R; ++k) store(dw1 + k * s.c + ch, load(dw1 + k * s.c + ch) + dw[k]);
+    store(db1 + ch, load(db1 + ch) + db);
+  }
 }
 
 // dM = A dY A^T of image n's tiles; dV = dM U^T; dU += V^T dM (V recomputed from x, cheaper
 // than storing it); dx = the tiles B dV B^T added where they overlap.
 template <int R>
-void backward_image(const float* x, const float* ut, const float* dy, float* dx, float* du,
-                    const Dims& s, int64_t n, float* vb, float* dvb, float* mb) {
+void backward_image(const float* x, const float* ut, const OutputGradient& dy, float* image,
+                    float* du, const Dims& s, int64_t n, float* vb, float* dvb, float* mb) {
   constexpr int A = Tf<R>::A;
   const int64_t tiles = s.th * s.tw;
   for (int64_t t = 0; t < tiles; ++t) {
@@ -249,9 +250,7 @@ void backward_image(const float* x, const float* ut, const float* dy, float* dx,
     for (int64_t ch = 0; ch < s.c; ch += 16) input_tile<R>(x, s, n, i, j, ch, vb, tiles, t);
     for (int64_t ch = 0; ch < s.co; ch += 16) {
       v16 g[4][4], m[A][A];
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b)
-          g[a][b] = load(dy + ((n * 4 * s.th + 4 * i + a) * 4 * s.tw + 4 * j + b) * s.co + ch);
+      dy.tile(s, n, i, j, ch, g);
       Tf<R>::out_t(g, m);
       for (int p = 0; p < A; ++p)
         for (int q = 0; q < A; ++q) store(mb + ((p * A + q) * tiles + t) * s.co + ch, m[p][q]);
@@ -264,7 +263,6 @@ void backward_image(const float* x, const float* ut, const float* dy, float* dx,
                   s.co, s.c);
     matmul<true>(vp, 1, s.c, s.c, mp, s.co, du + p * s.c * s.co, s.co, tiles, s.co);
   }
-  float* image = dx + n * s.h * s.w * s.c;
   std::fill(image, image + s.h * s.w * s.c, 0.0f);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t i = t / s.tw, j = t % s.tw;
@@ -285,29 +283,51 @@ void backward_image(const float* x, const float* ut, const float* dy, float* dx,
 // The images are cut into a fixed number of consecutive groups, each summing its own dU in
 // image order; the groups' sums are added in group order. So the kernel gradient does not
 // depend on which thread took which group: a run is repeatable bit for bit (resume relies on
-// it), as XLA's own reductions are.
+// it), as XLA's own reductions are. With the first layer fused (`image`), dx is not
+// written: each image's stays in scratch for that layer's gradients, summed as dU is.
+struct Gradients {
+  float* dx;  // (N, h, w, C), or null with `image`.
+  float* du;
+  const Image* image;  // The first layer fused: its image, and where dw1 and db1 go.
+  float* dw1;
+  float* db1;
+};
+
 template <int R>
-void backward(ffi::ThreadPool& pool, const float* x, const float* ut, const float* dy,
-              float* dx, float* du, const Dims& s) {
+void backward(ffi::ThreadPool& pool, const float* x, const float* ut, OutputGradient dy,
+              const Gradients& out, const Dims& s) {
   constexpr int A = Tf<R>::A;
-  const int64_t tiles = s.th * s.tw;
+  const int64_t tiles = s.th * s.tw, image_size = s.h * s.w * s.c;
   const int64_t v_size = A * A * tiles * s.c, m_size = A * A * tiles * s.co;
-  const int64_t u_size = A * A * s.c * s.co;
+  const int64_t u_size = A * A * s.c * s.co, w1_size = out.image ? (R * R + 1) * s.c : 0;
+  const int64_t sum_size = u_size + w1_size;
   const int64_t workers = std::max<int64_t>(pool.num_threads(), 1);
   const int64_t groups = std::min<int64_t>(s.n, std::max<int64_t>(4, 2 * workers));
   auto scratch = std::make_shared<Scratch>(workers);
-  std::vector<float> sums(groups * u_size, 0.0f);
+  std::vector<float> sums(groups * sum_size, 0.0f);
   float* group_sums = sums.data();
+  const Image* image = out.image;
+  float* dx = out.dx;
   parallel_for(pool, groups, scratch, [=](int64_t group, int worker) {
     std::vector<float>& buffer = scratch->buffers[worker];
-    if (buffer.empty()) buffer.resize(2 * v_size + m_size);
-    float *vb = buffer.data(), *dvb = vb + v_size, *mb = dvb + v_size;
-    for (int64_t n = group * s.n / groups; n < (group + 1) * s.n / groups; ++n)
-      backward_image<R>(x, ut, dy, dx, group_sums + group * u_size, s, n, vb, dvb, mb);
+    if (buffer.empty()) buffer.resize(2 * v_size + m_size + (image ? image_size : 0));
+    float *vb = buffer.data(), *dvb = vb + v_size, *mb = dvb + v_size, *dx1 = mb + m_size;
+    float* sum = group_sums + group * sum_size;
+    for (int64_t n = group * s.n / groups; n < (group + 1) * s.n / groups; ++n) {
+      backward_image<R>(x, ut, dy, image ? dx1 : dx + n * image_size, sum, s, n, vb, dvb, mb);
+      if (image) {
+        float* dw1 = sum + u_size;
+        conv1_backward_image<R>(*image, x, dx1, dw1, dw1 + R * R * s.c, s, n);
+      }
+    }
   });
-  std::copy(group_sums, group_sums + u_size, du);
   for (int64_t group = 1; group < groups; ++group)
-    for (int64_t e = 0; e < u_size; ++e) du[e] += group_sums[group * u_size + e];
+    for (int64_t e = 0; e < sum_size; ++e) group_sums[e] += group_sums[group * sum_size + e];
+  std::copy(group_sums, group_sums + u_size, out.du);
+  if (image) {
+    std::copy(group_sums + u_size, group_sums + u_size + R * R * s.c, out.dw1);
+    std::copy(group_sums + u_size + R * R * s.c, group_sums + sum_size, out.db1);
+  }
 }
 
 ffi::Error check(const Dims& s, int64_t r) {
@@ -319,6 +339,8 @@ ffi::Error check(const Dims& s, int64_t r) {
 
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
+using U8 = ffi::Buffer<ffi::U8>;
+using U8Out = ffi::ResultBuffer<ffi::U8>;
 
 // Checks the shapes, then runs kernel(std::integral_constant<int, r>) for r = 3 or 5.
 template <typename Kernel>
@@ -340,7 +362,16 @@ ffi::Error ForwardPooled(ffi::ThreadPool pool, F32 x, F32 u, F32 bias, F32Out ou
   const Dims s = dims_of(x, u.dimensions()[2], r);
   return for_kernel_size(s, r, [&](auto size) {
     forward_pooled<decltype(size)::value>(pool, x.typed_data(), u.typed_data(), bias.typed_data(),
-                           out->typed_data(), s);
+                                          out->typed_data(), nullptr, s);
+  });
+}
+
+ffi::Error ForwardPooledTrain(ffi::ThreadPool pool, F32 x, F32 u, F32 bias, F32Out out,
+                              U8Out positions, int64_t r) {
+  const Dims s = dims_of(x, u.dimensions()[2], r);
+  return for_kernel_size(s, r, [&](auto size) {
+    forward_pooled<decltype(size)::value>(pool, x.typed_data(), u.typed_data(), bias.typed_data(),
+                                          out->typed_data(), positions->typed_data(), s);
   });
 }
 
@@ -348,8 +379,49 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 x, F32 ut, F32 dy, F32Out dx, F32O
                     int64_t r) {
   const Dims s = dims_of(x, ut.dimensions()[1], r);
   return for_kernel_size(s, r, [&](auto size) {
-    backward<decltype(size)::value>(pool, x.typed_data(), ut.typed_data(), dy.typed_data(),
-                                    dx->typed_data(), du->typed_data(), s);
+    backward<decltype(size)::value>(pool, x.typed_data(), ut.typed_data(),
+                                    {dy.typed_data(), nullptr},
+                                    {dx->typed_data(), du->typed_data(), nullptr, nullptr, nullptr},
+                                    s);
+  });
+}
+
+ffi::Error BackwardPooled(ffi::ThreadPool pool, F32 x, F32 ut, U8 positions, F32 dpooled,
+                          F32Out dx, F32Out du, int64_t r) {
+  const Dims s = dims_of(x, ut.dimensions()[1], r);
+  return for_kernel_size(s, r, [&](auto size) {
+    backward<decltype(size)::value>(pool, x.typed_data(), ut.typed_data(),
+                                    {dpooled.typed_data(), positions.typed_data()},
+                                    {dx->typed_data(), du->typed_data(), nullptr, nullptr, nullptr},
+                                    s);
+  });
+}
+
+Image image_of(const F32& image) {
+  auto d = image.dimensions();
+  return {image.typed_data(), d[1], d[2]};
+}
+
+ffi::Error Conv1(ffi::ThreadPool pool, F32 image, F32 w1, F32 b1, F32Out y1, int64_t r) {
+  const Dims s = dims_of(*y1, 16, r);
+  const Image pixels = image_of(image);
+  return for_kernel_size(s, r, [&](auto size) {
+    conv1_forward<decltype(size)::value>(pool, pixels, w1.typed_data(), b1.typed_data(),
+                                         y1->typed_data(), s);
+  });
+}
+
+// Conv2's gradient from the pooled gradient, with the first layer's: dx1 is never written.
+ffi::Error BackwardPair(ffi::ThreadPool pool, F32 x, F32 ut, U8 positions, F32 dpooled,
+                        F32 image, F32Out du, F32Out dw1, F32Out db1, int64_t r) {
+  const Dims s = dims_of(x, ut.dimensions()[1], r);
+  const Image pixels = image_of(image);
+  return for_kernel_size(s, r, [&](auto size) {
+    backward<decltype(size)::value>(pool, x.typed_data(), ut.typed_data(),
+                                    {dpooled.typed_data(), positions.typed_data()},
+                                    {nullptr, du->typed_data(), &pixels, dw1->typed_data(),
+                                     db1->typed_data()},
+                                    s);
   });
 }
 
@@ -363,5 +435,13 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 x, F32 ut, F32 dy, F32Out dx, F32O
 WINOGRAD_HANDLER(WinogradForward, Forward, .Arg<F32>().Arg<F32>().Ret<F32>());
 WINOGRAD_HANDLER(WinogradForwardPooled, ForwardPooled,
                  .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>());
+WINOGRAD_HANDLER(WinogradForwardPooledTrain, ForwardPooledTrain,
+                 .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<U8>());
+WINOGRAD_HANDLER(WinogradBackwardPooled, BackwardPooled,
+                 .Arg<F32>().Arg<F32>().Arg<U8>().Arg<F32>().Ret<F32>().Ret<F32>());
+WINOGRAD_HANDLER(WinogradConv1, Conv1, .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>());
+WINOGRAD_HANDLER(WinogradBackwardPair, BackwardPair,
+                 .Arg<F32>().Arg<F32>().Arg<U8>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
+                     .Ret<F32>());
 WINOGRAD_HANDLER(WinogradBackward, Backward,
                  .Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>());
