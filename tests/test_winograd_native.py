@@ -28,9 +28,11 @@ def _conv_pool(x, w):
 
 
 def _convs(x, w):
-  """conv1 (x's first channel, w's first input channel) and conv2 (w) in the kernels."""
-  return winograd_native.convs_relu_max_pool(
-      x[..., :1], w[:, :, :1], jnp.full(w.shape[2], 0.05), w, jnp.full(w.shape[-1], 0.1))
+  """conv1 (x's first channel, as data: no gradient; w's first input channel) and conv2 (w)
+  in the kernels."""
+  return winograd_native.convs_relu_max_pool(jax.lax.stop_gradient(x[..., :1]), w[:, :, :1],
+                                             jnp.full(w.shape[2], 0.05), w,
+                                             jnp.full(w.shape[-1], 0.1))
 
 
 @pytest.mark.parametrize('function', [_conv, _conv_pool, _convs])
@@ -89,12 +91,22 @@ def test_conv1_inside_the_kernels_within_1e5_of_scale_of_float64(native, r, shap
   dy1, dw2, db2 = _pooled_gradient_reference(y1, w2, b2, dpooled)
   dy1 = np.where(y1 > 0, dy1, 0)
   wants = (want, _reference(image, w1, dy1)[2], dy1.sum((0, 1, 2)), dw2, db2)
-  out, vjp = jax.vjp(winograd_native.convs_relu_max_pool, image, w1, b1, w2, b2)
-  got = (out, *jax.jit(vjp)(jnp.asarray(dpooled, jnp.float32))[1:])
+  out, vjp = jax.vjp(lambda *params: winograd_native.convs_relu_max_pool(image, *params),
+                     w1, b1, w2, b2)
+  got = (out, *jax.jit(vjp)(jnp.asarray(dpooled, jnp.float32)))
   for name, value, want in zip(('pooled', 'dw1', 'db1', 'dw2', 'db2'), got, wants):
     assert value.shape == want.shape and value.dtype == jnp.float32, name
     error = np.abs(np.asarray(value, np.float64) - want).max() / np.abs(want).max()
     assert error <= 1e-5, (name, error)
+
+
+def test_conv1_inside_the_kernels_refuses_a_gradient_by_the_image(native):
+  """Training never asks for one; a user's gradient by the input (saliency, adversarial
+  examples) must not silently read zeros."""
+  image = jnp.ones((1, 14, 14, 1))
+  params = jnp.ones((3, 3, 1, 16)), jnp.zeros(16), jnp.ones((3, 3, 16, 16)), jnp.zeros(16)
+  with pytest.raises(NotImplementedError, match='no gradient for its image'):
+    jax.grad(lambda x: winograd_native.convs_relu_max_pool(x, *params).sum())(image)
 
 
 def test_conv1_inside_the_kernels_keeps_nan(native):

@@ -198,6 +198,11 @@ def _pair(image, w1, b1, w2, b2):
 
 
 def _pair_fwd(image, w1, b1, w2, b2):
+  """(Arguments are jax.custom_vjp's CustomVJPPrimal: value, and whether it is differentiated.)"""
+  if image.perturbed:
+    raise NotImplementedError('convs_relu_max_pool has no gradient for its image (the data); '
+                              'use conv_impl=winograd to differentiate a model by its input')
+  image, w1, b1, w2, b2 = (arg.value for arg in (image, w1, b1, w2, b2))
   y1, out = _first_layer(image, w1, b1, w2)
   pooled, positions, ut = _pool(y1, w2, b2, True)
   return (_crop(pooled, out, w2.shape[3]).astype(image.dtype),
@@ -206,6 +211,8 @@ def _pair_fwd(image, w1, b1, w2, b2):
 
 def _pair_bwd(residuals, dpooled):
   image, y1, ut, positions, w1_like, b1_like, w2_like, b2_like = residuals
+  if isinstance(dpooled, jax.custom_derivatives.SymbolicZero):  # The output unused.
+    dpooled = jnp.zeros(dpooled.shape, dpooled.dtype)
   r, c1 = w1_like.shape[1], w1_like.shape[3]
   dpooled, db2 = _routed_gradient(dpooled, positions, ut.shape[1])
   c1p = y1.shape[3]
@@ -215,11 +222,12 @@ def _pair_bwd(residuals, dpooled):
                        y1, ut, positions, dpooled,
                        image.astype(jnp.float32).reshape(image.shape[:3]), r=r)
   dw1 = dw1.reshape(r, r, 1, c1p)[..., :c1].astype(w1_like.dtype)
-  return (jnp.zeros_like(image), dw1, db1[:c1].astype(b1_like.dtype),
-          _kernel_gradient(du, w2_like), db2.astype(b2_like.dtype))
+  return (None, dw1, db1[:c1].astype(b1_like.dtype), _kernel_gradient(du, w2_like),
+          db2.astype(b2_like.dtype))
 
 
-_pair.defvjp(_pair_fwd, _pair_bwd)
+# symbolic_zeros: the forward pass learns which arguments are differentiated (the image never).
+_pair.defvjp(_pair_fwd, _pair_bwd, symbolic_zeros=True)
 
 
 def convs_relu_max_pool(image, w1, b1, w2, b2):
@@ -227,7 +235,7 @@ def convs_relu_max_pool(image, w1, b1, w2, b2):
   for a one-channel image (N, H, W, 1) and kernels of one size: conv1 a direct convolution
   in C++ writing conv2's padded input, the rest conv_relu_max_pool. The backward kernel
   takes conv1's gradients from each image's conv2 input gradient while it is in cache,
-  never writing it (the image needs no gradient)."""
+  never writing it: differentiating by the image is refused (NotImplementedError)."""
   if w1.shape[0] != w2.shape[0] or w1.shape[2] != 1 or image.shape[3] != 1:
     raise NotImplementedError('convs_relu_max_pool: a one-channel image and two kernels of '
                               'one size only')
