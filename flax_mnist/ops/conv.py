@@ -109,17 +109,17 @@ def im2col_vjp_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   return _conv_vjp(lhs, rhs, precision, preferred_element_type)
 
 
-FUNCTIONS = {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
-             'winograd': winograd.winograd_conv,
-             'winograd_native': winograd_native.winograd_native_conv,
-             'xla': lax.conv_general_dilated}
 def computed_with_conv2(*args, **kwargs):
   """conv1's 'direct_native' runs only inside winograd_native.convs_relu_max_pool (PAIRS)."""
   raise NotImplementedError('conv_impl direct_native is computed with conv2 in the C++ '
                             'kernels (winograd_native.convs_relu_max_pool), not on its own')
 
 
-FUNCTIONS['direct_native'] = computed_with_conv2
+FUNCTIONS = {'im2col': im2col_conv, 'im2col_vjp': im2col_vjp_conv,
+             'winograd': winograd.winograd_conv,
+             'winograd_native': winograd_native.winograd_native_conv,
+             'direct_native': computed_with_conv2,
+             'xla': lax.conv_general_dilated}
 # The path that pools in conv2's tiles, per Winograd implementation (inference; in training
 # too with the C++ kernels).
 POOLED = {'winograd': winograd.conv_relu_max_pool,

@@ -180,20 +180,22 @@ def conv_relu_max_pool(x, w, b, precision=None):
 
 def _first_layer(image, w1, b1, w2):
   """relu(conv(image, w1) + b1) computed by the C++ kernel straight into conv2's padded input
-  layout (zeros past the valid outputs), and conv2's valid output sides."""
+  layout (zeros past the valid outputs), conv2's valid output sides, and the pixels as the
+  kernels read them (float32, N x H x W)."""
   r, c1 = w1.shape[0], w1.shape[3]
   side = (image.shape[1] - r + 1, image.shape[2] - r + 1)
   out, (th, tw) = _tiles((image.shape[0], *side), w2.shape[0])
   shape = (image.shape[0], 4 * th + r - 1, 4 * tw + r - 1, _padded(c1))
   w = jnp.pad(w1.astype(jnp.float32).reshape(r * r, c1), ((0, 0), (0, _padded(c1) - c1)))
-  y1 = _call('conv1', jax.ShapeDtypeStruct(shape, jnp.float32),
-             image.astype(jnp.float32).reshape(image.shape[:3]), w, _padded_bias(b1), r=r)
-  return y1, out
+  pixels = image.astype(jnp.float32).reshape(image.shape[:3])
+  y1 = _call('conv1', jax.ShapeDtypeStruct(shape, jnp.float32), pixels, w, _padded_bias(b1),
+             r=r)
+  return y1, out, pixels
 
 
 @jax.custom_vjp
 def _pair(image, w1, b1, w2, b2):
-  y1, out = _first_layer(image, w1, b1, w2)
+  y1, out, _ = _first_layer(image, w1, b1, w2)
   return _crop(_pool(y1, w2, b2, False)[0], out, w2.shape[3]).astype(image.dtype)
 
 
@@ -203,14 +205,14 @@ def _pair_fwd(image, w1, b1, w2, b2):
     raise NotImplementedError('convs_relu_max_pool has no gradient for its image (the data); '
                               'use conv_impl=winograd to differentiate a model by its input')
   image, w1, b1, w2, b2 = (arg.value for arg in (image, w1, b1, w2, b2))
-  y1, out = _first_layer(image, w1, b1, w2)
+  y1, out, pixels = _first_layer(image, w1, b1, w2)
   pooled, positions, ut = _pool(y1, w2, b2, True)
   return (_crop(pooled, out, w2.shape[3]).astype(image.dtype),
-          (image, y1, ut, positions, _like(w1), _like(b1), _like(w2), _like(b2)))
+          (pixels, y1, ut, positions, _like(w1), _like(b1), _like(w2), _like(b2)))
 
 
 def _pair_bwd(residuals, dpooled):
-  image, y1, ut, positions, w1_like, b1_like, w2_like, b2_like = residuals
+  pixels, y1, ut, positions, w1_like, b1_like, w2_like, b2_like = residuals
   if isinstance(dpooled, jax.custom_derivatives.SymbolicZero):  # The output unused.
     dpooled = jnp.zeros(dpooled.shape, dpooled.dtype)
   r, c1 = w1_like.shape[1], w1_like.shape[3]
@@ -219,8 +221,7 @@ def _pair_bwd(residuals, dpooled):
   du, dw1, db1 = _call('backward_pair', (_du_shape(ut),
                                          jax.ShapeDtypeStruct((r * r, c1p), jnp.float32),
                                          jax.ShapeDtypeStruct((c1p,), jnp.float32)),
-                       y1, ut, positions, dpooled,
-                       image.astype(jnp.float32).reshape(image.shape[:3]), r=r)
+                       y1, ut, positions, dpooled, pixels, r=r)
   dw1 = dw1.reshape(r, r, 1, c1p)[..., :c1].astype(w1_like.dtype)
   return (None, dw1, db1[:c1].astype(b1_like.dtype), _kernel_gradient(du, w2_like),
           db2.astype(b2_like.dtype))
